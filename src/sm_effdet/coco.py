@@ -1,0 +1,384 @@
+"""Reading and validating COCO annotations, without opening the images; the data report.
+
+Icevision's COCO parser opens every image to read its size (measured 32x slower than reading
+the JSON), so the JSON's own width and height are used here and checked when an image is
+loaded. Every image or box that cannot be used is counted in a `DataReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+ANNOTATIONS_FOLDER = "annotations"
+EXAMPLES_PER_REASON = 5
+
+
+@dataclass(frozen=True)
+class Category:
+    id: Any  # the dataset's own id: need not be contiguous nor start at 1
+    name: str
+
+
+@dataclass
+class ImageRecord:
+    image_id: Any
+    file_name: str
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2 in pixels of the image as stored
+    labels: np.ndarray  # (N,) int64, 1..K: position of the category in the sorted category list
+    crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+
+
+@dataclass
+class DataReport:
+    """What was found in the data, what was fixed and what was skipped, and why."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    sources: list[str] = field(default_factory=list)
+    split: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, reason: str, example: str | None = None, n: int = 1) -> None:
+        self.counts[reason] += n
+        if example is not None and len(self.examples[reason]) < EXAMPLES_PER_REASON:
+            self.examples[reason].append(example)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sources": self.sources,
+            "counts": dict(sorted(self.counts.items())),
+            "examples": {k: v for k, v in sorted(self.examples.items()) if v},
+            "split": self.split,
+        }
+
+    def summary(self) -> str:
+        problems = {
+            k: v for k, v in sorted(self.counts.items())
+            if k.startswith(("image_skipped", "box_dropped", "box_clipped", "crowd", "split"))
+        }
+        listed = (
+            f"{self.counts['images_listed']} images and {self.counts['boxes_listed']} boxes listed"
+        )
+        if not problems:
+            return f"data: {listed}; all usable"
+        return f"data: {listed}; " + ", ".join(f"{k}={v}" for k, v in problems.items())
+
+    def write(self, path: Path) -> None:
+        from .artifacts import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+
+
+@dataclass
+class CocoData:
+    annotation_file: Path
+    categories: list[Category]
+    images: list[ImageRecord]
+
+
+def find_annotation_file(channel: Path, annotations_file: str | None, exclude: Iterable[str] = ()) -> Path:
+    """The COCO JSON of a channel: the one named, else the only .json at the root or in annotations/."""
+    if annotations_file:
+        path = safe_join(channel, annotations_file)
+        if path is None or not path.is_file():
+            raise UserInputError(
+                f"annotations_file '{annotations_file}' was not found in {channel}; give a path "
+                "relative to the channel's root."
+            )
+        return path
+    excluded = {(channel / e).resolve() for e in exclude}
+    candidates = [
+        p
+        for folder in (channel, channel / ANNOTATIONS_FOLDER)
+        if folder.is_dir()
+        for p in sorted(folder.glob("*.json"))
+        if p.resolve() not in excluded
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise UserInputError(
+            f"no COCO annotation file (.json) found at the root of {channel} nor in its "
+            f"{ANNOTATIONS_FOLDER}/ folder; add one or name it with the annotations_file "
+            "hyperparameter."
+        )
+    names = ", ".join(str(p.relative_to(channel)) for p in candidates)
+    raise UserInputError(
+        f"several JSON files in {channel} ({names}); name the COCO annotations with the "
+        "annotations_file hyperparameter."
+    )
+
+
+def safe_join(root: Path, relative: str) -> Path | None:
+    """root/relative, or None when `relative` is absolute or climbs out of root."""
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\\" in relative:
+        return None
+    normal = os.path.normpath(relative)
+    if normal == ".." or normal.startswith("../") or normal.startswith("/"):
+        return None
+    return root / normal
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserInputError(
+            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}); fix or replace the file."
+        ) from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{what} {path} is not UTF-8 text; save it as UTF-8 JSON.") from None
+
+
+def _require_list(coco: dict, key: str, path: Path) -> list:
+    value = coco.get(key)
+    if not isinstance(value, list):
+        raise UserInputError(
+            f"COCO file {path} has no '{key}' list; it needs 'images', 'annotations' and "
+            "'categories' as in the COCO format."
+        )
+    return value
+
+
+def read_categories(coco: dict, path: Path) -> list[Category]:
+    categories: dict[Any, Category] = {}
+    for entry in _require_list(coco, "categories", path):
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise UserInputError(f"COCO file {path} has a category without an 'id': {entry!r:.80}.")
+        if entry["id"] in categories:
+            raise UserInputError(
+                f"COCO file {path} lists category id {entry['id']!r} twice; give every category "
+                "its own id."
+            )
+        categories[entry["id"]] = Category(entry["id"], str(entry.get("name", entry["id"])))
+    if not categories:
+        raise UserInputError(f"COCO file {path} has no categories; add the object classes.")
+    return sorted(categories.values(), key=lambda c: (str(type(c.id)), c.id))
+
+
+def _image_root(channel: Path, annotation_file: Path, file_names: list[str]) -> Path:
+    # COCO layouts put images beside the JSON, at the channel root or under images/; pick the
+    # first base under which a sample of the listed files exists.
+    bases = [channel, channel / "images", annotation_file.parent]
+    sample = [n for n in file_names[:20] if safe_join(channel, n) is not None]
+    for base in bases:
+        if any((base / n).is_file() for n in sample):
+            return base
+    return channel
+
+
+def _image_size(entry: dict, path: Path, report: DataReport) -> tuple[int, int] | None:
+    width, height = entry.get("width"), entry.get("height")
+    if isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0:
+        return int(width), int(height)
+    # Only images whose JSON entry lacks a size are opened, and only their header is read.
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            report.add("image_size_read_from_file", entry.get("file_name"))
+            return img.size
+    except Exception:
+        return None
+
+
+def load_coco(
+    channel: Path,
+    annotation_file: Path,
+    report: DataReport,
+    categories: list[Category] | None = None,
+) -> CocoData:
+    """Read a COCO file into image records; `categories` given (validation) fixes the class list."""
+    coco = read_json_file(annotation_file, "COCO file")
+    if not isinstance(coco, dict):
+        raise UserInputError(f"COCO file {annotation_file} must hold a JSON object.")
+    report.sources.append(str(annotation_file))
+    file_categories = read_categories(coco, annotation_file)
+    categories = categories or file_categories
+    label_of = {c.id: i + 1 for i, c in enumerate(categories)}
+
+    image_entries = _require_list(coco, "images", annotation_file)
+    annotations = _require_list(coco, "annotations", annotation_file)
+    report.add("images_listed", n=len(image_entries))
+    report.add("boxes_listed", n=len(annotations))
+
+    names = [e.get("file_name") for e in image_entries if isinstance(e, dict)]
+    root = _image_root(channel, annotation_file, names)
+
+    entries: dict[Any, dict] = {}
+    for entry in image_entries:
+        image_id = entry.get("id") if isinstance(entry, dict) else None
+        if image_id is None:
+            report.add("image_skipped_malformed_entry", repr(entry)[:80])
+            continue
+        if image_id in entries:
+            report.add("image_skipped_duplicate_id", str(image_id))
+            entries[image_id] = None  # ambiguous: neither copy is used
+            continue
+        entries[image_id] = entry
+
+    boxes: dict[Any, list] = defaultdict(list)
+    labels: dict[Any, list] = defaultdict(list)
+    crowd: dict[Any, list] = defaultdict(list)
+    sizes: dict[Any, tuple[int, int]] = {}
+    records: list[ImageRecord] = []
+    paths: dict[Any, Path] = {}
+
+    for image_id, entry in entries.items():
+        if entry is None:
+            continue
+        file_name = entry.get("file_name")
+        path = safe_join(root, file_name)
+        if path is None:
+            report.add("image_skipped_unsafe_file_name", str(file_name))
+            continue
+        if not path.is_file():
+            report.add("image_skipped_missing_file", str(file_name))
+            continue
+        size = _image_size(entry, path, report)
+        if size is None:
+            report.add("image_skipped_unreadable", str(file_name))
+            continue
+        sizes[image_id], paths[image_id] = size, path
+
+    seen_annotation_ids: set = set()
+    for ann in annotations:
+        if not isinstance(ann, dict):
+            report.add("box_dropped_malformed", repr(ann)[:80])
+            continue
+        ann_id = ann.get("id")
+        if ann_id is not None:
+            if ann_id in seen_annotation_ids:
+                report.add("box_dropped_duplicate_id", str(ann_id))
+                continue
+            seen_annotation_ids.add(ann_id)
+        image_id = ann.get("image_id")
+        if image_id not in entries:
+            report.add("box_dropped_unknown_image", f"annotation {ann_id} -> image {image_id}")
+            continue
+        if image_id not in sizes:
+            continue  # the image itself was skipped and counted
+        if ann.get("category_id") not in label_of:
+            report.add("box_dropped_unknown_category", f"annotation {ann_id} -> category {ann.get('category_id')}")
+            continue
+        bbox = ann.get("bbox")
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+        ):
+            report.add("box_dropped_malformed", f"annotation {ann_id}: bbox {bbox!r:.60}")
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            report.add("box_dropped_zero_or_negative_size", f"annotation {ann_id}: bbox {bbox}")
+            continue
+        width, height = sizes[image_id]
+        x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+        x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            report.add("box_dropped_outside_image", f"annotation {ann_id}: bbox {bbox}")
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            report.add("box_clipped_to_image", f"annotation {ann_id}: bbox {bbox}")
+        if ann.get("iscrowd"):
+            # As in COCO: crowd regions are not trained on, and evaluation ignores matches to them.
+            report.add("crowd_regions_ignored")
+            crowd[image_id].append((x1, y1, x2, y2))
+            continue
+        boxes[image_id].append((x1, y1, x2, y2))
+        labels[image_id].append(label_of[ann["category_id"]])
+
+    for image_id, (width, height) in sizes.items():
+        entry = entries[image_id]
+        n = len(boxes[image_id])
+        if n == 0:
+            report.add("images_without_boxes_kept_as_negatives")
+        records.append(
+            ImageRecord(
+                image_id=image_id,
+                file_name=entry["file_name"],
+                path=paths[image_id],
+                width=width,
+                height=height,
+                boxes=np.asarray(boxes[image_id], np.float32).reshape(n, 4),
+                labels=np.asarray(labels[image_id], np.int64),
+                crowd_boxes=np.asarray(crowd[image_id], np.float32).reshape(-1, 4),
+            )
+        )
+    report.add("images_used", n=len(records))
+    report.add("boxes_used", n=sum(len(r.labels) for r in records))
+    return CocoData(annotation_file, categories, records)
+
+
+def check_num_classes(num_classes: int | None, categories: list[Category]) -> None:
+    """The seed's num_classes: the number of categories, or that plus one for the background."""
+    if num_classes is None or num_classes in (len(categories), len(categories) + 1):
+        return
+    found = ", ".join(f"{c.id}: {c.name}" for c in categories[:20])
+    more = f" and {len(categories) - 20} more" if len(categories) > 20 else ""
+    raise UserInputError(
+        f"hyperparameter 'num_classes' is {num_classes} but the data has {len(categories)} "
+        f"categories ({found}{more}); set it to {len(categories)} (or {len(categories) + 1} "
+        "counting the background) or leave it out."
+    )
+
+
+def split_records(
+    records: list[ImageRecord],
+    *,
+    split_file: Path | None,
+    val_fraction: float,
+    seed: int,
+    report: DataReport,
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Split by a split file ({"train": [ids], "val": [ids]}) or at random, seeded."""
+    if split_file is not None:
+        split = read_json_file(split_file, "split file")
+        val_key = next((k for k in ("val", "valid", "validation") if k in (split or {})), None)
+        if not isinstance(split, dict) or "train" not in split or val_key is None:
+            raise UserInputError(
+                f"split file {split_file} must hold {{\"train\": [image ids], \"val\": [image ids]}}."
+            )
+        train_ids, val_ids = set(split["train"]), set(split[val_key])
+        known = {r.image_id for r in records}
+        unknown = (train_ids | val_ids) - known
+        if unknown:
+            report.add("split_ids_not_usable", str(sorted(map(str, unknown))[:5]), n=len(unknown))
+        train = [r for r in records if r.image_id in train_ids]
+        val = [r for r in records if r.image_id in val_ids and r.image_id not in train_ids]
+        unused = len(records) - len(train) - len(val)
+        if unused:
+            report.add("split_images_in_neither_list", n=unused)
+        report.split = {"how": f"split file {split_file.name}", "train": len(train), "val": len(val)}
+        return train, val
+    shuffled = list(records)
+    random.Random(seed).shuffle(shuffled)
+    n_val = round(len(shuffled) * val_fraction)
+    if val_fraction > 0 and len(shuffled) >= 2:
+        n_val = min(max(n_val, 1), len(shuffled) - 1)
+    val, train = shuffled[:n_val], shuffled[n_val:]
+    report.split = {
+        "how": f"random, val_fraction={val_fraction}, seed={seed}",
+        "train": len(train),
+        "val": len(val),
+    }
+    return train, val

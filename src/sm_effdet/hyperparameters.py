@@ -1,0 +1,280 @@
+"""The hyperparameters of the job: a typed schema and the parsing of hyperparameters.json.
+
+SageMaker delivers every value as a string, encoded two ways depending on the caller: plain
+`str(v)` (console, boto3, the SDK's generic Estimator: "False", "0.01") or `json.dumps(v)`
+(framework estimators: "\"tf_lite0\"", "true"). A hand-written file may hold native JSON
+values. Each value is JSON-decoded when it can be, the raw string kept otherwise, and then
+coerced to the declared type; `bool("False")` is never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .backbones import check_model_type, short_backbone_name
+from .errors import UserInputError
+
+PLATFORM_KEY_PREFIX = "sagemaker_"
+PLATFORM_KEYS = frozenset({"_tuning_objective_metric"})
+
+PRECISION_ALIASES = {
+    "auto": "auto",
+    "32": "32",
+    "32-true": "32",
+    "fp32": "32",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+    "fp16": "16-mixed",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+}
+MONITORS = ("valid_map", "valid_loss")
+
+
+class _Invalid(Exception):
+    """Raised by a coercer with the text of what is allowed."""
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _number_from_text(value: Any) -> Any:
+    # A quoted number ("\"384\"") is still the number the user meant.
+    if isinstance(value, str):
+        try:
+            return json.loads(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+def _as_int(value: Any, raw: Any) -> int:
+    value = _number_from_text(value)
+    if isinstance(value, bool):
+        raise _Invalid("a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _Invalid("a whole number")
+
+
+def _as_float(value: Any, raw: Any) -> float:
+    value = _number_from_text(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid("a number")
+    if not math.isfinite(value):
+        raise _Invalid("a finite number")
+    return float(value)
+
+
+def _as_bool(value: Any, raw: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+    raise _Invalid("true or false")
+
+
+def _as_str(value: Any, raw: Any) -> str:
+    if isinstance(value, str):
+        return value
+    # "32" decodes to the number 32; the user meant the text they wrote.
+    if isinstance(raw, str):
+        return raw
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _Invalid("a text value")
+
+
+def _between(low: float | None = None, high: float | None = None, *, high_open: bool = False):
+    def check(value: float) -> None:
+        if low is not None and value < low:
+            raise _Invalid(f"at least {low}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise _Invalid(f"below {high}" if high_open else f"at most {high}")
+
+    return check
+
+
+def _positive(value: float) -> None:
+    if value <= 0:
+        raise _Invalid("greater than 0")
+
+
+def _img_size(value: int) -> None:
+    # effdet needs multiples of 128; below 256 it has fewer anchors than its 5000 detection
+    # candidates and validation fails inside torch.topk.
+    if value < 256 or value % 128 or value > 2048:
+        raise _Invalid("a multiple of 128 from 256 to 2048 (for example 512)")
+
+
+def _choice(*choices: str, aliases: Mapping[str, str] | None = None):
+    table = dict(aliases or {c: c for c in choices})
+
+    def normalise(value: str) -> str:
+        key = value.strip().lower()
+        if key not in table:
+            raise _Invalid("one of " + ", ".join(choices))
+        return table[key]
+
+    return normalise
+
+
+def _num_workers(value: Any, raw: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = _as_int(value, raw)
+    except _Invalid:
+        raise _Invalid("'auto' or a whole number of 0 or more") from None
+    if number < 0:
+        raise _Invalid("'auto' or a whole number of 0 or more")
+    return number
+
+
+def _spec(
+    default: Any,
+    coerce: Callable[[Any, Any], Any],
+    help: str,
+    check: Callable[[Any], Any] | None = None,
+    optional: bool = False,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"coerce": coerce, "check": check, "help": help, "optional": optional},
+    )
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    backbone: str = _spec(
+        "tf_lite0",
+        _as_str,
+        "EfficientDet variant: tf_lite0..tf_lite4, tf_d0..tf_d7, d0..d7, ... or the dotted "
+        "form models.ross.efficientdet.backbones.<name>",
+        short_backbone_name,
+    )
+    model_type: str = _spec(
+        "models.ross.efficientdet", _as_str, "accepted for the seed; only EfficientDet",
+        check_model_type,
+    )
+    img_size: int = _spec(512, _as_int, "square input size in pixels, a multiple of 128", _img_size)
+    batch_size: int = _spec(8, _as_int, "images per GPU (per process) and step", _between(1))
+    epochs: int = _spec(30, _as_int, "passes over the training set", _between(1))
+    learning_rate: float = _spec(0.001, _as_float, "peak learning rate", _positive)
+    optimizer: str = _spec("adamw", _as_str, "adamw or sgd", _choice("adamw", "sgd"))
+    momentum: float = _spec(0.9, _as_float, "SGD momentum", _between(0, 1, high_open=True))
+    weight_decay: float = _spec(0.0001, _as_float, "weight decay", _between(0))
+    lr_schedule: str = _spec(
+        "cosine", _as_str, "cosine, step or constant, after the warmup",
+        _choice("cosine", "step", "constant"),
+    )
+    warmup_epochs: float = _spec(
+        1.0, _as_float, "epochs of linear learning-rate warmup (fractions allowed)", _between(0)
+    )
+    seed: int = _spec(42, _as_int, "random seed for the split, the weights and augmentation")
+    num_workers: int | str = _spec(
+        "auto", _num_workers, "data loader processes per GPU; auto uses every CPU"
+    )
+    precision: str = _spec(
+        "auto", _as_str, "auto (bf16-mixed where the GPU supports it, else 16-mixed; 32 on "
+        "CPU), 32, 16-mixed or bf16-mixed",
+        _choice("auto", "32", "16-mixed", "bf16-mixed", aliases=PRECISION_ALIASES),
+    )
+    pretrained: bool = _spec(
+        True, _as_bool, "start from effdet's COCO-pretrained weights (a 'pretrained' channel "
+        "holding the weights file, else downloaded)",
+    )
+    val_fraction: float = _spec(
+        0.2, _as_float, "share of images held out for validation when there is no validation "
+        "channel and no split file", _between(0, 1, high_open=True),
+    )
+    monitor: str = _spec(
+        "valid_map", _as_str, "metric that picks the best model: valid_map or valid_loss",
+        _choice(*MONITORS),
+    )
+    early_stopping_patience: int = _spec(
+        0, _as_int, "stop after this many epochs without improvement of monitor; 0 is off",
+        _between(0),
+    )
+    augment: bool = _spec(True, _as_bool, "train-time augmentation (flips, scale, colour)")
+    num_classes: int | None = _spec(
+        None, _as_int, "optional check: number of categories, or that plus one (background)",
+        _between(1), optional=True,
+    )
+    annotations_file: str | None = _spec(
+        None, _as_str, "COCO JSON inside the training channel, when it is not found by itself",
+        optional=True,
+    )
+    split_file: str | None = _spec(
+        None, _as_str, 'JSON inside the training channel: {"train": [image ids], "val": [...]}',
+        optional=True,
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SPECS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    spec = SPECS[name].metadata
+    value = _decode(raw)
+    if value is None and spec["optional"]:
+        return None
+    try:
+        value = spec["coerce"](value, raw)
+        if spec["check"] is not None:
+            checked = spec["check"](value)
+            if checked is not None:
+                value = checked
+    except _Invalid as exc:
+        shown = raw if isinstance(raw, str) else json.dumps(raw)
+        raise UserInputError(
+            f"hyperparameter '{name}' has invalid value '{shown}': it must be {exc}."
+        ) from None
+    return value
+
+
+def parse_hyperparameters(raw: Mapping[str, Any]) -> Hyperparameters:
+    """Parse hyperparameters.json's mapping into typed values; fail on unknown or bad keys."""
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name.startswith(PLATFORM_KEY_PREFIX) or name in PLATFORM_KEYS:
+            continue
+        if name not in SPECS:
+            close = difflib.get_close_matches(name, SPECS, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else "see hyperparameters.example.json."
+            raise UserInputError(f"unknown hyperparameter '{name}'; {hint}")
+        values[name] = _coerce(name, value)
+    return Hyperparameters(**values)
+
+
+def example_hyperparameters() -> dict[str, str]:
+    """Every key with its default, in the plain-string form SageMaker's console sends."""
+    example = {}
+    for name, spec in SPECS.items():
+        if spec.default is None:
+            continue
+        value = spec.default
+        example[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return example

@@ -1,0 +1,235 @@
+"""The training job: data -> model -> Lightning Trainer -> model artifacts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from . import artifacts, coco
+from .backbones import BACKBONES
+from .coco import DataReport, ImageRecord
+from .environment import PRETRAINED_CHANNEL, TRAINING_CHANNEL, VALIDATION_CHANNEL, TrainingEnvironment
+from .errors import UserInputError
+from .hyperparameters import Hyperparameters
+from .transforms import MEAN, STD
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "data_report.json"
+
+
+def prepare_data(
+    env: TrainingEnvironment, hp: Hyperparameters, report: DataReport
+) -> tuple[list[coco.Category], list[ImageRecord], list[ImageRecord]]:
+    """Read the training (and validation) channel and split; fail when nothing usable is left."""
+    channel = env.channel(TRAINING_CHANNEL)
+    if channel is None:
+        raise UserInputError(
+            f"the job has no '{TRAINING_CHANNEL}' channel ({env.paths.channel(TRAINING_CHANNEL)} "
+            "does not exist); give the COCO JSON and its images as a channel named 'training'."
+        )
+    split_path = None
+    if hp.split_file:
+        split_path = coco.safe_join(channel, hp.split_file)
+        if split_path is None or not split_path.is_file():
+            raise UserInputError(
+                f"split_file '{hp.split_file}' was not found in the training channel {channel}; "
+                "give a path relative to the channel's root or leave split_file out."
+            )
+    excluded = [hp.split_file] if hp.split_file else []
+    annotation_file = coco.find_annotation_file(channel, hp.annotations_file, excluded)
+    train_data = coco.load_coco(channel, annotation_file, report)
+    coco.check_num_classes(hp.num_classes, train_data.categories)
+
+    val_channel = env.channel(VALIDATION_CHANNEL)
+    if split_path is not None:
+        train, val = coco.split_records(
+            train_data.images, split_file=split_path, val_fraction=0, seed=hp.seed, report=report
+        )
+    elif val_channel is not None:
+        val_file = coco.find_annotation_file(val_channel, None)
+        val_data = coco.load_coco(val_channel, val_file, report, categories=train_data.categories)
+        train, val = train_data.images, val_data.images
+        report.split = {"how": "validation channel", "train": len(train), "val": len(val)}
+    else:
+        train, val = coco.split_records(
+            train_data.images, split_file=None, val_fraction=hp.val_fraction, seed=hp.seed,
+            report=report,
+        )
+
+    if not any(len(r.labels) for r in train):
+        raise UserInputError(
+            f"no usable training image with boxes is left in {annotation_file} (see "
+            f"output/data/{REPORT_FILE}: {report.summary()}); check file_name paths, boxes and "
+            "category ids."
+        )
+    if (split_path is not None or val_channel is not None) and not val:
+        raise UserInputError(
+            "the validation set is empty (" + report.split["how"] + "); give validation images "
+            "or remove the split file / validation channel to split at random."
+        )
+    return train_data.categories, train, val
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if accelerator == "gpu":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32"
+
+
+def resolve_num_workers(num_workers: int | str, processes: int = 1) -> int:
+    if num_workers == "auto":
+        return max((os.cpu_count() or 1) // processes, 0)
+    return int(num_workers)
+
+
+def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
+    """Train as the hyperparameters say and write the model; return the files written."""
+    started = time.monotonic()
+    report = DataReport()
+    categories, train_records, val_records = prepare_data(env, hp, report)
+    report.write(env.paths.output_data_dir / REPORT_FILE)
+    log.info(report.summary())
+    log.info(
+        "classes (%d): %s",
+        len(categories), ", ".join(f"{c.name} (id {c.id})" for c in categories[:50]),
+    )
+
+    import lightning as L
+    import torch
+
+    from . import coco_eval
+    from .data import DetectionDataset, make_loader
+    from .lightning_module import EfficientDetModule
+    from .metrics_log import EpochSummary
+    from .model import build_model
+    from .transforms import eval_transform, train_transform
+
+    L.seed_everything(hp.seed, workers=True, verbose=False)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(hp.precision, accelerator)
+    workers = resolve_num_workers(hp.num_workers)
+    pin = accelerator == "gpu"
+
+    train_loader = make_loader(
+        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment)),
+        hp.batch_size, workers, shuffle=True, pin_memory=pin,
+    )
+    val_loader = None
+    if val_records:
+        val_loader = make_loader(
+            DetectionDataset(val_records, eval_transform(hp.img_size)),
+            hp.batch_size, workers, shuffle=False, pin_memory=pin,
+        )
+
+    pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
+    bench = build_model(hp.backbone, len(categories), hp.img_size, hp.pretrained, pretrained_dir)
+    val_gt = coco_eval.ground_truth(val_records, len(categories)) if val_records else None
+    module = EfficientDetModule(bench, hp, val_gt)
+
+    monitor = hp.monitor if val_records else None
+    summary = EpochSummary(monitor, hp.epochs)
+    callbacks: list[Any] = [summary]
+    if monitor and hp.early_stopping_patience > 0:
+        callbacks.append(
+            L.pytorch.callbacks.EarlyStopping(
+                monitor=monitor, mode=summary.mode, patience=hp.early_stopping_patience,
+                check_on_train_epoch_end=True,
+            )
+        )
+    log.info(
+        "training %s at %d px: %d train / %d validation images, batch %d, %d epochs, "
+        "%s precision on %s, %d loader workers; best model by %s",
+        hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size, hp.epochs,
+        precision, accelerator, workers, monitor or "last epoch (no validation set)",
+    )
+    with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            max_epochs=hp.epochs,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=sys.stdout.isatty(),
+            enable_model_summary=False,
+            callbacks=callbacks,
+            gradient_clip_val=10.0,
+            limit_val_batches=1.0 if val_loader is not None else 0,
+            num_sanity_val_steps=0,
+            benchmark=accelerator == "gpu",
+            log_every_n_steps=50,
+            default_root_dir=scratch,
+        )
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+
+    if summary.best_state is None:
+        raise UserInputError("training finished without a completed epoch; check the log above.")
+    metadata = model_metadata(hp, categories, summary, report, time.monotonic() - started)
+    written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
+    log.info(
+        "model written to %s (best epoch %s of %d%s)",
+        env.paths.model_dir, summary.best_epoch, trainer.current_epoch,
+        f", {monitor}={summary.best_score:.4f}" if monitor and summary.best_score is not None else "",
+    )
+    return written
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("sm-effdet", "torch", "effdet", "icevision", "lightning", "timm"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def model_metadata(
+    hp: Hyperparameters, categories: list[coco.Category], summary: Any, report: DataReport,
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "framework": "effdet",
+        "effdet_model_name": BACKBONES[hp.backbone],
+        "backbone": hp.backbone,
+        "img_size": hp.img_size,
+        "num_classes": len(categories),
+        "weights_file": artifacts.WEIGHTS_FILE,
+        "weights_of": "effdet.EfficientDet (bench.model); load with effdet.create_model("
+        "effdet_model_name, bench_task='predict', num_classes, image_size=(img_size, img_size))",
+        "classes": [
+            {"label": i + 1, "id": c.id, "name": c.name} for i, c in enumerate(categories)
+        ],
+        "normalization": {
+            "mean": list(MEAN),
+            "std": list(STD),
+            "input": "RGB scaled to [0, 1], then (x - mean) / std",
+        },
+        "preprocessing": "resize the longest side to img_size keeping the aspect ratio, then pad "
+        "bottom and right with zeros to img_size x img_size",
+        "output": "per image up to 100 rows [x1, y1, x2, y2, score, label] in the input image's "
+        "pixels when img_scale = max(width, height) / img_size is passed; label is "
+        "classes[].label",
+        "monitor": summary.monitor,
+        "best_epoch": summary.best_epoch,
+        "metrics": summary.best_metrics,
+        "history": summary.history,
+        "hyperparameters": hp.to_dict(),
+        "data": report.split,
+        "training_seconds": round(seconds, 1),
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,118 @@
+"""The LightningModule: training and validation steps, COCO mAP, optimiser and schedule.
+
+Icevision's own Lightning adapter defines `validation_epoch_end`, which Lightning 2 refuses,
+so the steps are written here around effdet's training bench.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from . import coco_eval
+from .errors import UserInputError
+from .hyperparameters import Hyperparameters
+from .transforms import MEAN, STD
+
+
+class EfficientDetModule(L.LightningModule):
+    def __init__(self, bench: torch.nn.Module, hp: Hyperparameters, val_gt: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.bench = bench
+        self.hp = hp
+        self.val_gt = val_gt
+        self._results: list[list[float]] = []
+        self.images_seen = 0
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        # uint8 from the loader; normalised here, on the device.
+        return (images.float() - self.mean) / self.std
+
+    def on_train_epoch_start(self) -> None:
+        self.images_seen = 0
+
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every image of the batch was unreadable
+            return None
+        self.images_seen += len(batch["images"])
+        out = self.bench(self.normalise(batch["images"]), batch["targets"])
+        self.log("train_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=len(batch["images"]))
+        return out["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        if self.images_seen == 0:
+            raise UserInputError(
+                f"no training image could be read in epoch {self.current_epoch + 1} (every one "
+                "failed to load; the log names them); check that the image files are valid."
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        self._results = []
+
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        out = self.bench(self.normalise(batch["images"]), batch["targets"])
+        self.log("valid_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=len(batch["images"]))
+        self._results += coco_eval.detections_to_results(
+            out["detections"].float().cpu().numpy(), batch["indices"].cpu().numpy()
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        results = self._results
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, results)
+            results = [row for part in gathered for row in part]
+        metrics = coco_eval.coco_map(self.val_gt, results) if self.val_gt else {"map": 0.0, "map_50": 0.0}
+        # Every rank computed the same numbers from the same gathered results.
+        self.log("valid_map", metrics["map"], sync_dist=False, rank_zero_only=False)
+        self.log("valid_map_50", metrics["map_50"], sync_dist=False, rank_zero_only=False)
+        self._results = []
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hp
+        decay, no_decay = [], []
+        for name, param in self.bench.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.learning_rate, momentum=hp.momentum,
+                                        nesterov=hp.momentum > 0, **fused)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, **fused)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        schedule = lr_factor_fn(hp.lr_schedule, total, round(hp.warmup_epochs * per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor_fn(schedule: str, total_steps: int, warmup_steps: int):
+    """Multiplier of the peak learning rate at each step: linear warmup, then the schedule."""
+    warmup_steps = min(warmup_steps, total_steps - 1) if total_steps > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.001 + 0.999 * step / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        if schedule == "cosine":
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "step":
+            return 1.0 if progress < 2 / 3 else 0.1 if progress < 8 / 9 else 0.01
+        return 1.0
+
+    return factor
+

@@ -1,0 +1,113 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from sm_effdet.errors import UserInputError
+from sm_effdet.hyperparameters import SPECS, example_hyperparameters, parse_hyperparameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_plain_string_encoding():
+    """Console, boto3 and the generic Estimator send str(v)."""
+    hp = parse_hyperparameters(
+        {
+            "backbone": "tf_lite2",
+            "img_size": "384",
+            "learning_rate": "0.01",
+            "pretrained": "False",
+            "augment": "True",
+            "precision": "bf16-mixed",
+            "num_workers": "3",
+            "num_classes": "4",
+        }
+    )
+    assert (hp.backbone, hp.img_size, hp.learning_rate) == ("tf_lite2", 384, 0.01)
+    assert hp.pretrained is False and hp.augment is True
+    assert (hp.precision, hp.num_workers, hp.num_classes) == ("bf16-mixed", 3, 4)
+
+
+def test_json_encoding():
+    """Framework estimators send json.dumps(v)."""
+    hp = parse_hyperparameters(
+        {
+            "backbone": json.dumps("models.ross.efficientdet.backbones.tf_lite0"),
+            "model_type": json.dumps("models.ross.efficientdet"),
+            "img_size": json.dumps(512),
+            "pretrained": json.dumps(False),
+            "learning_rate": json.dumps(0.002),
+            "precision": json.dumps("16-mixed"),
+            "num_workers": json.dumps("auto"),
+        }
+    )
+    assert hp.backbone == "tf_lite0" and hp.model_type == "models.ross.efficientdet"
+    assert (hp.img_size, hp.pretrained, hp.learning_rate) == (512, False, 0.002)
+    assert (hp.precision, hp.num_workers) == ("16-mixed", "auto")
+
+
+def test_native_json_values_and_text_numbers():
+    hp = parse_hyperparameters({"epochs": 3, "augment": False, "precision": 32, "img_size": "\"256\""})
+    assert (hp.epochs, hp.augment, hp.precision, hp.img_size) == (3, False, "32", 256)
+
+
+def test_platform_keys_are_accepted():
+    hp = parse_hyperparameters(
+        {
+            "sagemaker_program": "train",
+            "sagemaker_region": json.dumps("eu-west-1"),
+            "sagemaker_container_log_level": "20",
+            "_tuning_objective_metric": "validation:mAP",
+        }
+    )
+    assert hp == parse_hyperparameters({})
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"learning_rat": "0.1"}, "unknown hyperparameter 'learning_rat'; did you mean 'learning_rate'?"),
+        ({"img_size": "300"}, "hyperparameter 'img_size' has invalid value '300': it must be a multiple of 128"),
+        ({"img_size": "128"}, "'img_size' has invalid value '128'"),
+        ({"pretrained": "maybe"}, "'pretrained' has invalid value 'maybe': it must be true or false."),
+        ({"batch_size": "1.5"}, "'batch_size' has invalid value '1.5': it must be a whole number."),
+        ({"batch_size": "0"}, "'batch_size' has invalid value '0': it must be at least 1"),
+        ({"learning_rate": "-1"}, "'learning_rate' has invalid value '-1': it must be greater than 0."),
+        ({"optimizer": "adam"}, "'optimizer' has invalid value 'adam': it must be one of adamw, sgd."),
+        ({"precision": "8"}, "'precision' has invalid value '8'"),
+        ({"val_fraction": "1"}, "'val_fraction' has invalid value '1': it must be below 1"),
+        ({"monitor": "map"}, "it must be one of valid_map, valid_loss."),
+        ({"backbone": "tf_lite9"}, "'backbone' has unknown value 'tf_lite9'; did you mean 'tf_lite4'?"),
+        ({"model_type": "models.torchvision.faster_rcnn"}, "'model_type' has unsupported value"),
+        ({"num_workers": "-2"}, "it must be 'auto' or a whole number of 0 or more."),
+        ({"epochs": "NaN"}, "'epochs' has invalid value 'NaN': it must be a whole number."),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(raw, expected):
+    with pytest.raises(UserInputError) as info:
+        parse_hyperparameters(raw)
+    assert expected in str(info.value)
+
+
+def test_every_backbone_short_and_dotted():
+    from sm_effdet.backbones import BACKBONES
+
+    for name in ("tf_lite0", "tf_lite4", "tf_d0", "d7", "tf_d3_ap", "tf_d7x"):
+        assert name in BACKBONES
+        dotted = parse_hyperparameters({"backbone": f"models.ross.efficientdet.backbones.{name}"})
+        assert dotted.backbone == name
+
+
+def test_example_file_lists_every_key_with_its_default():
+    example = json.loads((REPO / "hyperparameters.example.json").read_text())
+    assert example == example_hyperparameters()
+    optional = {name for name, spec in SPECS.items() if spec.default is None}
+    assert set(example) | optional == set(SPECS)
+    assert all(isinstance(v, str) for v in example.values())  # the plain-string form
+    assert parse_hyperparameters(example) == parse_hyperparameters({})
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "README.md").read_text()
+    for name in SPECS:
+        assert f"| `{name}` |" in readme, name
