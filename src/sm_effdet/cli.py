@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 import warnings
 
 from .artifacts import remove_partial_model
 from .environment import paths_from_env, read_environment
-from .errors import JobError, write_failure
+from .errors import JobError, JobStopped, write_failure
 from .hyperparameters import parse_hyperparameters
 
 log = logging.getLogger("sm_effdet")
@@ -47,12 +48,23 @@ def failure_reason(exc: BaseException, hp: object | None) -> tuple[str, int]:
     )
 
 
+def _stopped_before_training(signum: int, frame: object) -> None:
+    # Until Lightning installs its own handler (which finishes the step and checkpoints), a stop
+    # ends the job at once, with a failure reason rather than a silent kill.
+    raise JobStopped(
+        f"the job was stopped by {signal.Signals(signum).name} before training began; nothing "
+        "was trained or written.",
+        exit_code=128 + signum,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # SageMaker runs `docker run <image> train`; with an ENTRYPOINT "train" arrives as argument.
     if argv and argv[0] == "train":
         argv = argv[1:]
     configure_logging()
+    signal.signal(signal.SIGTERM, _stopped_before_training)
     paths = paths_from_env()
     hp = None
     try:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 ANNOTATIONS_FOLDER = "annotations"
 EXAMPLES_PER_REASON = 5
+# Larger images are refused unopened (decompression bombs); this is Pillow's own error limit.
+MAX_IMAGE_PIXELS = 178_956_970
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,9 @@ def load_coco(
         size = _image_size(entry, path, report)
         if size is None:
             report.add("image_skipped_unreadable", str(file_name))
+            continue
+        if size[0] * size[1] > MAX_IMAGE_PIXELS:
+            report.add("image_skipped_too_many_pixels", f"{file_name}: {size[0]}x{size[1]}")
             continue
         sizes[image_id], paths[image_id] = size, path
 

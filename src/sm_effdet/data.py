@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -10,25 +11,58 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from .coco import ImageRecord
+from .coco import MAX_IMAGE_PIXELS, ImageRecord
 
 log = logging.getLogger(__name__)
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 class ImageLoadError(Exception):
     pass
 
 
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: scale to 8 bits rather than let convert() saturate.
+        array = np.asarray(img, dtype=np.float32)
+        top = float(array.max()) if array.size else 0.0
+        if top > 255:
+            array = array * (255.0 / (65535.0 if top <= 65535 else top))
+        array = np.clip(array, 0, 255).astype(np.uint8)
+        return np.repeat(array[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
 def load_image(record: ImageRecord) -> np.ndarray:
-    """Read an image as RGB uint8 HxWx3, upright, and check it against its JSON size."""
+    """Read an image as RGB uint8 HxWx3, upright, and check it against its JSON size.
+
+    A JPEG with an EXIF orientation is turned upright when that makes it match the JSON's width
+    and height (the annotator saw it upright); when the stored pixels match instead, the
+    annotator saw those, and they are used as they are, so that the boxes stay right.
+    """
+    too_many = f"{record.file_name} has more pixels than the limit of {MAX_IMAGE_PIXELS}"
     try:
-        with Image.open(record.path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            array = np.asarray(img)
+        with warnings.catch_warnings():
+            # Pillow warns from its limit and refuses from twice that; ours is checked below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(record.path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise ImageLoadError(f"{too_many} ({img.width}x{img.height})")
+                img.load()
+                upright = ImageOps.exif_transpose(img)
+                expected = (record.width, record.height)
+                if upright.size != expected and img.size == expected:
+                    upright = img
+                array = _to_rgb_array(upright)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(too_many) from exc
     except Exception as exc:
-        raise ImageLoadError(f"cannot read {record.file_name}: {exc}") from exc
+        raise ImageLoadError(f"cannot read {record.file_name}: {type(exc).__name__}: {exc}") from exc
     height, width = array.shape[:2]
     if (width, height) != (record.width, record.height):
         raise ImageLoadError(
@@ -39,7 +73,11 @@ def load_image(record: ImageRecord) -> np.ndarray:
 
 
 class DetectionDataset(Dataset):
-    """Records -> dicts of a uint8 CHW image, yxyx boxes and 1-based labels; None when unusable."""
+    """Records -> dicts of a uint8 CHW image, yxyx boxes and 1-based labels.
+
+    An image that cannot be used becomes {"skipped": (file_name, reason)}: the reason travels
+    back from the loader's worker process with the batch, to be counted in the data report.
+    """
 
     def __init__(self, records: list[ImageRecord], transform: Any) -> None:
         self.records = records
@@ -48,14 +86,14 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         try:
             image = load_image(record)
         except ImageLoadError as exc:
             # One bad image must not end an epoch: it is skipped and the batch goes on without it.
             log.warning("skipping image: %s", exc)
-            return None
+            return {"skipped": (record.file_name, str(exc))}
         out = self.transform(image=image, bboxes=record.boxes, labels=record.labels)
         boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
         labels = np.asarray(out["labels"], np.int64)
@@ -72,10 +110,11 @@ class DetectionDataset(Dataset):
         }
 
 
-def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    samples = [s for s in samples if s is not None]
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    skipped = [s["skipped"] for s in samples if "skipped" in s]
+    samples = [s for s in samples if "skipped" not in s]
     if not samples:
-        return None
+        return {"images": None, "skipped": skipped}
     bbox, cls = [], []
     for s in samples:
         if len(s["cls"]):
@@ -95,6 +134,7 @@ def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
             "img_size": torch.tensor([s["img_size"] for s in samples], dtype=torch.float32),
         },
         "indices": torch.tensor([s["index"] for s in samples]),
+        "skipped": skipped,
     }
 
 

@@ -28,3 +28,11 @@ def write_failure(path: Path, reason: str, details: str = "") -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+class JobStopped(JobError):
+    """The job was stopped by a signal (StopTrainingJob, spot interruption, MaxRuntime, Ctrl-C)."""
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from . import artifacts, coco
 from .backbones import BACKBONES
 from .coco import DataReport, ImageRecord
 from .environment import PRETRAINED_CHANNEL, TRAINING_CHANNEL, VALIDATION_CHANNEL, TrainingEnvironment
-from .errors import UserInputError
+from .errors import JobStopped, UserInputError
 from .hyperparameters import Hyperparameters
 from .transforms import MEAN, STD
 
@@ -113,6 +114,7 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
     from .data import DetectionDataset, make_loader
     from .lightning_module import EfficientDetModule
     from .metrics_log import EpochSummary
+    from .checkpoints import ResumableCheckpoints, find_resumable
     from .model import build_model
     from .transforms import eval_transform, train_transform
 
@@ -121,6 +123,31 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
     precision = resolve_precision(hp.precision, accelerator)
     workers = resolve_num_workers(hp.num_workers)
     pin = accelerator == "gpu"
+
+    checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
+    fit_meta = {
+        "backbone": hp.backbone,
+        "img_size": hp.img_size,
+        "classes": [[c.id, c.name] for c in categories],
+        "split": report.split.get("how"),
+        "train_ids": [r.image_id for r in train_records],
+        "val_ids": [r.image_id for r in val_records],
+    }
+    resume = find_resumable(checkpoint_dir, fit_meta)
+    if resume is not None:
+        resume_path, resumed = resume
+        log.info(
+            "resuming from checkpoint %s (epoch %d, step %d)",
+            resume_path, resumed["epoch"] + 1, resumed["step"],
+        )
+        if resumed["split"] == fit_meta["split"] and (
+            resumed["train_ids"] != fit_meta["train_ids"] or resumed["val_ids"] != fit_meta["val_ids"]
+        ):
+            log.warning("the data changed since the checkpoint; its train/validation split is kept")
+            train_records, val_records = resplit(
+                train_records + val_records, resumed["train_ids"], resumed["val_ids"]
+            )
+            fit_meta.update(train_ids=resumed["train_ids"], val_ids=resumed["val_ids"])
 
     train_loader = make_loader(
         DetectionDataset(train_records, train_transform(hp.img_size, hp.augment)),
@@ -134,13 +161,18 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
         )
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
-    bench = build_model(hp.backbone, len(categories), hp.img_size, hp.pretrained, pretrained_dir)
+    # A resumed job takes every weight from its checkpoint.
+    use_pretrained = hp.pretrained and resume is None
+    bench = build_model(hp.backbone, len(categories), hp.img_size, use_pretrained, pretrained_dir)
     val_gt = coco_eval.ground_truth(val_records, len(categories)) if val_records else None
-    module = EfficientDetModule(bench, hp, val_gt)
+    module = EfficientDetModule(bench, hp, val_gt, report)
 
     monitor = hp.monitor if val_records else None
     summary = EpochSummary(monitor, hp.epochs)
-    callbacks: list[Any] = [summary]
+    checkpoints = ResumableCheckpoints(
+        checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta
+    )
+    callbacks: list[Any] = [summary, checkpoints]
     if monitor and hp.early_stopping_patience > 0:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
@@ -150,9 +182,10 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
         )
     log.info(
         "training %s at %d px: %d train / %d validation images, batch %d, %d epochs, "
-        "%s precision on %s, %d loader workers; best model by %s",
+        "%s precision on %s, %d loader workers; best model by %s; checkpoints in %s",
         hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size, hp.epochs,
         precision, accelerator, workers, monitor or "last epoch (no validation set)",
+        checkpoint_dir,
     )
     with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
         trainer = L.Trainer(
@@ -172,7 +205,19 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
             log_every_n_steps=50,
             default_root_dir=scratch,
         )
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+        # Lightning's own SIGTERM handler (finish the step, then stop) takes over from here.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            trainer.fit(
+                module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                ckpt_path=resume[0] if resume else None, weights_only=True,
+            )
+        except SystemExit as exc:  # SIGTERMException, or Lightning's exit after Ctrl-C
+            raise stopped_error(exc, trainer, checkpoints.saved_on_stop) from None
+        finally:
+            report.write(env.paths.output_data_dir / REPORT_FILE)
+            if report.counts["image_skipped_at_load"]:
+                log.info(report.summary())
 
     if summary.best_state is None:
         raise UserInputError("training finished without a completed epoch; check the log above.")
@@ -184,6 +229,26 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
         f", {monitor}={summary.best_score:.4f}" if monitor and summary.best_score is not None else "",
     )
     return written
+
+
+def resplit(
+    records: list[ImageRecord], train_ids: list[Any], val_ids: list[Any]
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    by_id = {r.image_id: r for r in records}
+    return [by_id[i] for i in train_ids if i in by_id], [by_id[i] for i in val_ids if i in by_id]
+
+
+def stopped_error(exc: SystemExit, trainer: Any, checkpoint: Path | None) -> JobStopped:
+    stopped_by = "SIGTERM" if trainer.received_sigterm else "SIGINT (Ctrl-C)"
+    where = f"in epoch {trainer.current_epoch + 1} at step {trainer.global_step}"
+    if checkpoint is None:
+        return JobStopped(f"training was stopped by {stopped_by} {where} before a checkpoint "
+                          "could be written.", 143 if trainer.received_sigterm else 130)
+    return JobStopped(
+        f"training was stopped by {stopped_by} {where}; checkpoint {checkpoint.name} was written "
+        f"to {checkpoint.parent}: run the job again with the same checkpoint location to resume.",
+        143 if trainer.received_sigterm else 130,
+    )
 
 
 def _versions() -> dict[str, str]:

@@ -13,17 +13,23 @@ import lightning as L
 import torch
 
 from . import coco_eval
+from .coco import DataReport
 from .errors import UserInputError
 from .hyperparameters import Hyperparameters
 from .transforms import MEAN, STD
 
 
 class EfficientDetModule(L.LightningModule):
-    def __init__(self, bench: torch.nn.Module, hp: Hyperparameters, val_gt: dict[str, Any] | None) -> None:
+    def __init__(
+        self, bench: torch.nn.Module, hp: Hyperparameters, val_gt: dict[str, Any] | None,
+        report: DataReport,
+    ) -> None:
         super().__init__()
         self.bench = bench
         self.hp = hp
         self.val_gt = val_gt
+        self.report = report
+        self._skipped_names: set[str] = set()
         self._results: list[list[float]] = []
         self.images_seen = 0
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
@@ -36,8 +42,15 @@ class EfficientDetModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.images_seen = 0
 
-    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every image of the batch was unreadable
+    def count_skipped(self, batch: dict[str, Any]) -> None:
+        for file_name, reason in batch["skipped"]:
+            if file_name not in self._skipped_names:  # once per image, not once per epoch
+                self._skipped_names.add(file_name)
+                self.report.add("image_skipped_at_load", reason)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.count_skipped(batch)
+        if batch["images"] is None:  # every image of the batch was unreadable
             return None
         self.images_seen += len(batch["images"])
         out = self.bench(self.normalise(batch["images"]), batch["targets"])
@@ -55,8 +68,9 @@ class EfficientDetModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._results = []
 
-    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
-        if batch is None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.count_skipped(batch)
+        if batch["images"] is None:
             return
         out = self.bench(self.normalise(batch["images"]), batch["targets"])
         self.log("valid_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,

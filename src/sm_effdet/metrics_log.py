@@ -89,6 +89,20 @@ class EpochSummary(L.Callback):
             net = pl_module.bench.model
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
+    # Saved in checkpoints, so that a resumed job keeps its history and its best epoch.
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            "best_state": self.best_state,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
     def _improved(self, score: float | None) -> bool:
         if score is None or not math.isfinite(score):
             return self.best_state is None

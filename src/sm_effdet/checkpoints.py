@@ -1,0 +1,143 @@
+"""Resumable checkpoints: written atomically, pruned, found again and checked at start.
+
+A checkpoint is Lightning's full training state (model, optimiser, scheduler, loop progress,
+callbacks) plus this job's own: random generator states and what the model was built for
+(backbone, image size, classes, data split). It is written at the end of every epoch, every
+`checkpoint_every_minutes`, and when the job is stopped (SIGTERM from StopTrainingJob, spot
+interruption or MaxRuntime; SIGINT locally). SageMaker syncs the folder to S3.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .artifacts import atomic_write_bytes
+from .errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+SUFFIX = ".ckpt"
+KEEP = 2  # the newest and the one before, in case the newest cannot be read
+NAME = re.compile(rf"^{PREFIX}(?P<host>.+)-epoch(?P<epoch>\d+)-step(?P<step>\d+){SUFFIX}$")
+META_KEY = "sm_effdet"
+RNG_KEY = "sm_effdet_rng"
+FIT_KEYS = ("backbone", "img_size", "classes")
+
+
+def checkpoint_name(host: str, epoch: int, step: int) -> str:
+    safe_host = re.sub(r"[^A-Za-z0-9_.-]", "_", host)
+    return f"{PREFIX}{safe_host}-epoch{epoch:04d}-step{step:09d}{SUFFIX}"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """This job's checkpoint files, newest (by step, then time) first."""
+    if not folder.is_dir():
+        return []
+    found = [(p, NAME.match(p.name)) for p in folder.iterdir() if p.is_file()]
+
+    def key(item: tuple[Path, re.Match]) -> tuple[int, float]:
+        path, match = item
+        return int(match["step"]), path.stat().st_mtime
+
+    return [p for p, _ in sorted(((p, m) for p, m in found if m), key=key, reverse=True)]
+
+
+def rng_states() -> dict[str, Any]:
+    # Only tensors and plain values, so that the file loads with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def find_resumable(folder: Path, expected: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint that fits this job; an unfit one is refused, not loaded."""
+    for path in list_checkpoints(folder):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            meta = checkpoint[META_KEY]
+            epoch, step = checkpoint["epoch"], checkpoint["global_step"]
+        except Exception as exc:
+            log.warning("checkpoint %s cannot be read (%s: %s); trying an older one",
+                        path.name, type(exc).__name__, str(exc)[:120])
+            continue
+        for key in FIT_KEYS:
+            if meta.get(key) != expected[key]:
+                raise UserInputError(
+                    f"checkpoint {path} was made for {key} {meta.get(key)!r:.200} but this job "
+                    f"has {expected[key]!r:.200}; remove it from the checkpoint location, give the "
+                    "job another CheckpointConfig S3 location, or use the same settings."
+                )
+        return path, {"epoch": epoch, "step": step, **meta}
+    return None
+
+
+class ResumableCheckpoints(L.Callback):
+    def __init__(self, folder: Path, host: str, every_minutes: float, meta: dict[str, Any]) -> None:
+        self.folder = folder
+        self.host = host
+        self.every_seconds = every_minutes * 60
+        self.meta = meta
+        self.last_saved = time.monotonic()
+        self.saved_on_stop: Path | None = None
+
+    def save(self, trainer: L.Trainer, why: str) -> Path:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        checkpoint[META_KEY] = self.meta
+        checkpoint[RNG_KEY] = rng_states()
+        # Lightning counts a checkpoint from the end of an epoch as belonging to the next one.
+        path = self.folder / checkpoint_name(self.host, trainer.current_epoch, trainer.global_step)
+        if trainer.is_global_zero:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+            for old in list_checkpoints(self.folder)[KEEP:]:
+                old.unlink(missing_ok=True)
+            log.info("checkpoint (%s): %s (epoch %d, step %d)", why, path,
+                     trainer.current_epoch + 1, trainer.global_step)
+        self.last_saved = time.monotonic()
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.every_seconds and time.monotonic() - self.last_saved >= self.every_seconds:
+            self.save(trainer, f"every {self.every_seconds / 60:g} minutes")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer, "end of epoch")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException) -> None:
+        # Lightning raises SIGTERMException after the step in progress has finished, so the
+        # state written here is consistent.
+        if isinstance(exc, (SIGTERMException, KeyboardInterrupt)):
+            self.saved_on_stop = self.save(trainer, f"stopped by {type(exc).__name__}")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint:
+            set_rng_states(checkpoint[RNG_KEY])

@@ -1,0 +1,93 @@
+"""Images as they come: modes, EXIF orientation, corrupt files and oversized ones."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sm_effdet.coco import MAX_IMAGE_PIXELS, ImageRecord
+from sm_effdet.data import DetectionDataset, ImageLoadError, collate, load_image
+from sm_effdet.transforms import eval_transform, train_transform
+
+
+def record(path: Path, width: int, height: int, boxes=((10, 10, 50, 40),)) -> ImageRecord:
+    return ImageRecord(
+        image_id=1, file_name=path.name, path=path, width=width, height=height,
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        labels=np.ones(len(boxes), np.int64),
+    )
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK", "1", "I;16"])
+def test_every_mode_becomes_rgb_uint8(tmp_path, mode):
+    source = Image.linear_gradient("L").resize((64, 48))
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(source, np.uint16) * 257).astype(np.uint16))
+        assert image.mode.startswith("I;16")
+    else:
+        image = source.convert(mode)
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    image.save(path)
+    array = load_image(record(path, 64, 48))
+    assert array.shape == (48, 64, 3) and array.dtype == np.uint8
+    if mode == "I;16":  # scaled back to 8 bits, not saturated at 255
+        assert np.abs(array[:, :, 0].astype(int) - np.asarray(source, int)).max() <= 1
+
+
+def test_exif_rotated_jpeg_is_turned_upright_when_annotated_upright(tmp_path):
+    upright = np.zeros((100, 200, 3), np.uint8)  # 200 wide, 100 high, as the annotator saw it
+    upright[10:40, 150:190] = 255
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # stored 100 wide, 200 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    array = load_image(record(path, 200, 100))
+    assert array.shape == (100, 200, 3)
+    assert array[25, 170].mean() > 200 and array[80, 20].mean() < 50  # the box is where it was
+    # Annotated on the stored pixels (a tool that ignores EXIF): the stored pixels are used.
+    assert load_image(record(path, 100, 200)).shape == (200, 100, 3)
+
+
+def test_corrupt_truncated_and_mismatched_images_raise(tmp_path):
+    good = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(good, format="JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (tmp_path / "garbage.jpg").write_bytes(b"\x00" * 100)
+    (tmp_path / "ok.jpg").write_bytes(good.getvalue())
+    for name in ("truncated.jpg", "garbage.jpg"):
+        with pytest.raises(ImageLoadError, match=f"cannot read {name}"):
+            load_image(record(tmp_path / name, 64, 48))
+    with pytest.raises(ImageLoadError, match="ok.jpg is 64x48 but the annotations say 65x48"):
+        load_image(record(tmp_path / "ok.jpg", 65, 48))
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    side = int((MAX_IMAGE_PIXELS * 1.1) ** 0.5)
+    path = tmp_path / "bomb.png"
+    Image.new("1", (side, side)).save(path)  # a few kB on disk, far over the pixel limit
+    with pytest.raises(ImageLoadError, match="bomb.png has more pixels than the limit of"):
+        load_image(record(path, 100, 100))
+
+
+def test_skipped_images_travel_with_the_batch(tmp_path):
+    Image.new("RGB", (64, 48), "blue").save(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"broken")
+    records = [record(tmp_path / "a.jpg", 64, 48), record(tmp_path / "b.jpg", 64, 48, boxes=())]
+    for transform in (train_transform(256, augment=True), eval_transform(256)):
+        batch = collate([DetectionDataset(records, transform)[i] for i in range(2)])
+        assert batch["images"].shape == (1, 3, 256, 256) and batch["images"].dtype.is_floating_point is False
+        assert batch["skipped"][0][0] == "b.jpg"
+    only_bad = collate([DetectionDataset(records[1:], eval_transform(256))[0]])
+    assert only_bad["images"] is None and len(only_bad["skipped"]) == 1
+
+
+def test_image_without_boxes_gets_an_ignored_placeholder(tmp_path):
+    Image.new("RGB", (64, 48)).save(tmp_path / "empty.jpg")
+    batch = collate([DetectionDataset([record(tmp_path / "empty.jpg", 64, 48, boxes=())], eval_transform(256))[0]])
+    assert batch["targets"]["cls"][0].tolist() == [-1.0]
+    assert batch["targets"]["img_scale"].tolist() == [64 / 256]
