@@ -50,9 +50,9 @@ def write_tree(
     return base
 
 
-def run_train(base: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    """Run ./train as SageMaker would, against the tree at `base`, offline, on the CPU."""
-    environment = {
+def train_env(base: Path, **extra: str) -> dict[str, str]:
+    """./train's environment: the tree at `base`, offline, on the CPU."""
+    return {
         **os.environ,
         "SAGEMAKER_BASE_DIR": str(base),
         "CUDA_VISIBLE_DEVICES": "",
@@ -61,15 +61,23 @@ def run_train(base: Path, timeout: float = 600, **env: str) -> subprocess.Comple
         "HTTP_PROXY": "http://127.0.0.1:9",
         "TORCH_HOME": str(base / "torch-home"),
         "PYTHONUNBUFFERED": "1",
-        **env,
+        **extra,
     }
+
+
+def run_train(base: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run ./train to the end as SageMaker would."""
     return subprocess.run(
-        [sys.executable, str(TRAIN)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=base,
+        [sys.executable, str(TRAIN)], env=train_env(base, **env), capture_output=True,
+        text=True, timeout=timeout, cwd=base,
+    )
+
+
+def start_train(base: Path, **env: str) -> subprocess.Popen:
+    """Start ./train in the background, stdout and stderr together, to signal or pair it."""
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN)], env=train_env(base, **env), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=base,
     )
 
 

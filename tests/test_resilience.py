@@ -7,26 +7,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from conftest import FAST, TRAIN, failure_text, model_files, run_train, write_tree
+from conftest import FAST, failure_text, model_files, run_train, start_train, write_tree
 from sm_effdet.checkpoints import list_checkpoints
-
-
-def start_train(base: Path) -> subprocess.Popen:
-    env = {
-        **os.environ, "SAGEMAKER_BASE_DIR": str(base), "CUDA_VISIBLE_DEVICES": "",
-        "HTTPS_PROXY": "http://127.0.0.1:9", "PYTHONUNBUFFERED": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, str(TRAIN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, cwd=base,
-    )
 
 
 def read_until(process: subprocess.Popen, pattern: str, timeout: float = 400) -> list[str]:

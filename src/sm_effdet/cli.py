@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -10,7 +11,7 @@ import warnings
 
 from .artifacts import remove_partial_model
 from .environment import paths_from_env, read_environment
-from .errors import JobError, JobStopped, write_failure
+from .errors import JobError, JobStopped, failure_reason, write_failure
 from .hyperparameters import parse_hyperparameters
 
 log = logging.getLogger("sm_effdet")
@@ -24,27 +25,6 @@ def configure_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
         force=True,
-    )
-
-
-def failure_reason(exc: BaseException, hp: object | None) -> tuple[str, int]:
-    """The one sentence the user sees as the job's FailureReason, and the exit code."""
-    if isinstance(exc, JobError):
-        return str(exc), getattr(exc, "exit_code", 1)
-    name = type(exc).__name__
-    if name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
-        sizes = f" at batch_size={hp.batch_size} and img_size={hp.img_size}" if hp else ""
-        return (
-            f"the GPU ran out of memory{sizes}; lower batch_size or img_size, or use an "
-            "instance type with more GPU memory.",
-            1,
-        )
-    if isinstance(exc, KeyboardInterrupt):
-        return "training was interrupted before it finished.", 130
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return (
-        f"training failed with an unexpected {name}: {first}; the traceback is in the job's log.",
-        1,
     )
 
 
@@ -66,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     signal.signal(signal.SIGTERM, _stopped_before_training)
     paths = paths_from_env()
+    if "LOCAL_RANK" not in os.environ:  # the job's first process; not a DDP worker it started
+        paths.failure_file.unlink(missing_ok=True)
     hp = None
     try:
         env = read_environment(paths)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 # SageMaker shows the first 1024 characters of output/failure as the job's FailureReason.
 FAILURE_REASON_LIMIT = 1024
@@ -19,15 +20,36 @@ class UserInputError(JobError):
     exit_code = 2
 
 
-def write_failure(path: Path, reason: str, details: str = "") -> None:
-    """Write the failure file: the one-sentence reason first, optional details after."""
+def write_failure(path: Path, reason: str) -> None:
+    """Write the failure file, the reason first; the first process of a node to fail wins."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = reason.strip()
-    if details:
-        text += "\n\n" + details.strip()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(reason.strip() + "\n")
+
+
+def failure_reason(exc: BaseException, hp: Any = None) -> tuple[str, int]:
+    """The one sentence the user sees as the job's FailureReason, and the exit code."""
+    if isinstance(exc, JobError):
+        return str(exc), getattr(exc, "exit_code", 1)
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        sizes = f" at batch_size={hp.batch_size} and img_size={hp.img_size}" if hp else ""
+        return (
+            f"the GPU ran out of memory{sizes}; lower batch_size or img_size, or use an "
+            "instance type with more GPU memory.",
+            1,
+        )
+    if isinstance(exc, KeyboardInterrupt):
+        return "training was interrupted before it finished.", 130
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (
+        f"training failed with an unexpected {name}: {first}; the traceback is in the job's log.",
+        1,
+    )
 
 
 class JobStopped(JobError):

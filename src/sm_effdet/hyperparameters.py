@@ -150,6 +150,18 @@ def _num_workers(value: Any, raw: Any) -> int | str:
     return number
 
 
+def _devices(value: Any, raw: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = _as_int(value, raw)
+    except _Invalid:
+        number = 0
+    if number < 1:
+        raise _Invalid("'auto' or a whole number of 1 or more")
+    return number
+
+
 def _spec(
     default: Any,
     coerce: Callable[[Any, Any], Any],
@@ -193,6 +205,9 @@ class Hyperparameters:
     seed: int = _spec(42, _as_int, "random seed for the split, the weights and augmentation")
     num_workers: int | str = _spec(
         "auto", _num_workers, "data loader processes per GPU; auto uses every CPU"
+    )
+    devices: int | str = _spec(
+        "auto", _devices, "GPUs to train on per instance, one process each; auto uses all"
     )
     precision: str = _spec(
         "auto", _as_str, "auto (bf16-mixed where the GPU supports it, else 16-mixed; 32 on "

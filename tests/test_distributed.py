@@ -1,0 +1,90 @@
+"""Several instances: two ./train processes on this machine, each its own /opt/ml, over gloo."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import FAST, failure_text, model_files, start_train, write_tree
+
+HOSTS = ["127.0.0.1", "localhost"]  # both resolve to this machine
+
+
+def free_port_pair() -> int:
+    """A port whose successor is free too (rendezvous + the failure watchdog's store)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def node(base: Path, host: str, hyperparameters: dict, n_images: int = 28) -> Path:
+    write_tree(base, hyperparameters, n_images=n_images)  # the same data on every node
+    (base / "input" / "config" / "resourceconfig.json").write_text(
+        json.dumps({"current_host": host, "hosts": HOSTS, "network_interface_name": "lo"})
+    )
+    return base
+
+
+def start(base: Path, port: int) -> subprocess.Popen:
+    # Two "hosts" share this machine's cores: one thread each avoids oversubscription.
+    return start_train(base, MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+
+
+def test_two_nodes_train_one_model_together(tmp_path):
+    hp = {**FAST, "batch_size": "2", "val_fraction": "0.25"}
+    master = node(tmp_path / "master", HOSTS[0], hp)
+    worker = node(tmp_path / "worker", HOSTS[1], hp)
+    port = free_port_pair()
+    jobs = [start(master, port), start(worker, port)]
+    logs = [job.communicate(timeout=600)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+
+    for rank, log in enumerate(logs):
+        assert re.search(rf"layout: 2 node\(s\) x 1 process\(es\) = world size 2, backend gloo, this process: global rank {rank}", log)
+        # 21 training images over 2 ranks: 11 each, the sampler repeating one to even them out
+        seen = re.search(rf"rank {rank} trained on (\d+) images in epoch 1 \((\d+) on all 2 ranks\)", log)
+        assert seen, log[-3000:]
+        assert int(seen.group(1)) == 11 and int(seen.group(2)) == 22
+    # Only the master writes: the model, the report and the metric lines.
+    assert model_files(master) == ["inference.py", "model.json", "model.safetensors"]
+    assert model_files(worker) == []
+    assert (master / "output" / "data" / "data_report.json").exists()
+    assert not (worker / "output" / "data" / "data_report.json").exists()
+    assert "epoch=1/1 " in logs[0] and "epoch=1/1 " not in logs[1]
+    # The validation mAP covers each of the 7 validation images exactly once.
+    assert re.search(r"epoch=1/1 .*valid_images=7\b", logs[0]), logs[0][-2000:]
+    meta = json.loads((master / "model" / "model.json").read_text())
+    assert meta["world_size"] == 2 and meta["metrics"]["valid_images"] == 7
+
+
+def test_a_failing_rank_ends_the_other_quickly(tmp_path):
+    hp = {**FAST, "batch_size": "2"}
+    master = node(tmp_path / "master", HOSTS[0], hp, n_images=8)
+    worker = node(tmp_path / "worker", HOSTS[1], hp, n_images=8)
+    (worker / "input" / "config" / "inputdataconfig.json").unlink()
+    for image in (worker / "input" / "data" / "training" / "images").iterdir():
+        image.unlink()
+    (worker / "input" / "data" / "training" / "annotations.json").unlink()
+    port = free_port_pair()
+    jobs = [start(master, port), start(worker, port)]
+    worker_log = jobs[1].communicate(timeout=300)[0]
+    failed_at = time.monotonic()
+    assert jobs[1].returncode == 2, worker_log[-2000:]
+    jobs[0].communicate(timeout=120)
+    assert time.monotonic() - failed_at < 60
+    assert jobs[0].returncode != 0
+    reason = failure_text(master).splitlines()[0]
+    assert reason.startswith("training stopped because rank 1 on localhost failed: no COCO annotation file"), reason
+    assert model_files(master) == []
