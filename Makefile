@@ -25,7 +25,7 @@ DOCKER ?= docker
 # Optional certificate bundle of a TLS-inspecting proxy, given to the build as the `ca_bundle` secret.
 CA_BUNDLE ?=
 
-.PHONY: help install demo test build push local-train image-test lint
+.PHONY: help install demo test bench build push local-train image-test lint
 
 help: ## List the targets
 	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
@@ -43,6 +43,9 @@ demo: install ## Train on the synthetic demo dataset locally, on CPU (python -m 
 
 test: install ## Run the test suite
 	$(UV) run --frozen pytest
+
+bench: install ## Print speed figures against same-run baselines (not a test; see README)
+	$(UV) run --frozen python benchmarks/bench.py $(BENCH_ARGS)
 
 build: ## Build the image IMAGE:TAG (and IMAGE:latest) for linux/amd64
 	$(DOCKER) build --platform $(PLATFORM) \

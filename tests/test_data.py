@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -32,7 +33,7 @@ def test_every_mode_becomes_rgb_uint8(tmp_path, mode):
         image = source.convert(mode)
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
     image.save(path)
-    array = load_image(record(path, 64, 48))
+    array, _ = load_image(record(path, 64, 48))
     assert array.shape == (48, 64, 3) and array.dtype == np.uint8
     if mode == "I;16":  # scaled back to 8 bits, not saturated at 255
         assert np.abs(array[:, :, 0].astype(int) - np.asarray(source, int)).max() <= 1
@@ -46,11 +47,11 @@ def test_exif_rotated_jpeg_is_turned_upright_when_annotated_upright(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(stored).save(path, exif=exif, quality=95)
-    array = load_image(record(path, 200, 100))
+    array, _ = load_image(record(path, 200, 100))
     assert array.shape == (100, 200, 3)
     assert array[25, 170].mean() > 200 and array[80, 20].mean() < 50  # the box is where it was
     # Annotated on the stored pixels (a tool that ignores EXIF): the stored pixels are used.
-    assert load_image(record(path, 100, 200)).shape == (200, 100, 3)
+    assert load_image(record(path, 100, 200))[0].shape == (200, 100, 3)
 
 
 def test_corrupt_truncated_and_mismatched_images_raise(tmp_path):
@@ -91,3 +92,24 @@ def test_image_without_boxes_gets_an_ignored_placeholder(tmp_path):
     batch = collate([DetectionDataset([record(tmp_path / "empty.jpg", 64, 48, boxes=())], eval_transform(256))[0]])
     assert batch["targets"]["cls"][0].tolist() == [-1.0]
     assert batch["targets"]["img_scale"].tolist() == [64 / 256]
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_with_boxes_scaled(tmp_path):
+    big = np.zeros((1080, 1920, 3), np.uint8)
+    big[200:600, 800:1600] = 255
+    path = tmp_path / "big.jpg"
+    Image.fromarray(big).save(path, quality=95)
+    rec = record(path, 1920, 1080, boxes=((800, 200, 1600, 600),))
+    array, scale = load_image(rec, target=256)
+    assert max(array.shape[:2]) >= 256 and array.shape[1] == 240 * 2  # 1/4 of 1920
+    assert scale == array.shape[1] / 1920
+    assert array[int(400 * scale), int(1200 * scale)].mean() > 200
+    full, full_scale = load_image(rec)
+    assert full.shape == (1080, 1920, 3) and full_scale == 1.0
+    # The dataset's output is the same, up to resampling, with and without the reduced decode.
+    reduced = DetectionDataset([rec], eval_transform(256), img_size=256)[0]
+    plain = DetectionDataset([rec], eval_transform(256))[0]
+    assert torch.allclose(reduced["bbox"], plain["bbox"], atol=1.0)
+    assert reduced["img_scale"] == plain["img_scale"] == 1920 / 256
+    diff = (reduced["image"].float() - plain["image"].float()).abs().mean()
+    assert diff < 8

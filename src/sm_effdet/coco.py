@@ -13,6 +13,7 @@ import math
 import os
 import random
 from collections import Counter, defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -57,7 +58,8 @@ class DataReport:
     split: dict[str, Any] = field(default_factory=dict)
 
     def add(self, reason: str, example: str | None = None, n: int = 1) -> None:
-        self.counts[reason] += n
+        if n:
+            self.counts[reason] += n
         if example is not None and len(self.examples[reason]) < EXAMPLES_PER_REASON:
             self.examples[reason].append(example)
 
@@ -237,13 +239,8 @@ def load_coco(
             continue
         entries[image_id] = entry
 
-    boxes: dict[Any, list] = defaultdict(list)
-    labels: dict[Any, list] = defaultdict(list)
-    crowd: dict[Any, list] = defaultdict(list)
     sizes: dict[Any, tuple[int, int]] = {}
-    records: list[ImageRecord] = []
     paths: dict[Any, Path] = {}
-
     for image_id, entry in entries.items():
         if entry is None:
             continue
@@ -264,74 +261,134 @@ def load_coco(
             continue
         sizes[image_id], paths[image_id] = size, path
 
-    seen_annotation_ids: set = set()
-    for ann in annotations:
-        if not isinstance(ann, dict):
-            report.add("box_dropped_malformed", repr(ann)[:80])
-            continue
-        ann_id = ann.get("id")
-        if ann_id is not None:
-            if ann_id in seen_annotation_ids:
-                report.add("box_dropped_duplicate_id", str(ann_id))
-                continue
-            seen_annotation_ids.add(ann_id)
-        image_id = ann.get("image_id")
-        if image_id not in entries:
-            report.add("box_dropped_unknown_image", f"annotation {ann_id} -> image {image_id}")
-            continue
-        if image_id not in sizes:
-            continue  # the image itself was skipped and counted
-        if ann.get("category_id") not in label_of:
-            report.add("box_dropped_unknown_category", f"annotation {ann_id} -> category {ann.get('category_id')}")
-            continue
-        bbox = ann.get("bbox")
-        if (
-            not isinstance(bbox, (list, tuple))
-            or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
-        ):
-            report.add("box_dropped_malformed", f"annotation {ann_id}: bbox {bbox!r:.60}")
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            report.add("box_dropped_zero_or_negative_size", f"annotation {ann_id}: bbox {bbox}")
-            continue
-        width, height = sizes[image_id]
-        x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-        x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            report.add("box_dropped_outside_image", f"annotation {ann_id}: bbox {bbox}")
-            continue
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            report.add("box_clipped_to_image", f"annotation {ann_id}: bbox {bbox}")
-        if ann.get("iscrowd"):
-            # As in COCO: crowd regions are not trained on, and evaluation ignores matches to them.
-            report.add("crowd_regions_ignored")
-            crowd[image_id].append((x1, y1, x2, y2))
-            continue
-        boxes[image_id].append((x1, y1, x2, y2))
-        labels[image_id].append(label_of[ann["category_id"]])
-
-    for image_id, (width, height) in sizes.items():
-        entry = entries[image_id]
-        n = len(boxes[image_id])
-        if n == 0:
-            report.add("images_without_boxes_kept_as_negatives")
-        records.append(
-            ImageRecord(
-                image_id=image_id,
-                file_name=entry["file_name"],
-                path=paths[image_id],
-                width=width,
-                height=height,
-                boxes=np.asarray(boxes[image_id], np.float32).reshape(n, 4),
-                labels=np.asarray(labels[image_id], np.int64),
-                crowd_boxes=np.asarray(crowd[image_id], np.float32).reshape(-1, 4),
-            )
-        )
+    records = [
+        ImageRecord(image_id, entries[image_id]["file_name"], paths[image_id], width, height,
+                    _NO_BOXES, _NO_LABELS)
+        for image_id, (width, height) in sizes.items()
+    ]
+    _attach_boxes(records, entries, annotations, label_of, report)
+    report.add("images_without_boxes_kept_as_negatives", n=sum(1 for r in records if not len(r.labels)))
     report.add("images_used", n=len(records))
     report.add("boxes_used", n=sum(len(r.labels) for r in records))
     return CocoData(annotation_file, categories, records)
+
+
+_NO_BOXES = np.zeros((0, 4), np.float32)
+_NO_LABELS = np.zeros((0,), np.int64)
+
+
+def _lookup(table: dict, keys: list, default: Any) -> list:
+    try:
+        return [table.get(k, default) for k in keys]
+    except TypeError:  # an unhashable id (a list, say): it matches nothing
+        return [table.get(k, default) if isinstance(k, Hashable) else default for k in keys]
+
+
+def _box_or_nan(bbox: Any) -> tuple[float, ...]:
+    if (
+        isinstance(bbox, (list, tuple))
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) for v in bbox)
+    ):
+        return tuple(float(v) for v in bbox)
+    return (math.nan,) * 4
+
+
+def _attach_boxes(
+    records: list[ImageRecord], entries: dict, annotations: list, label_of: dict,
+    report: DataReport,
+) -> None:
+    """Check every annotation and give each record its boxes; vectorised for COCO's 860k boxes.
+
+    Each annotation is counted under the first check it fails, in this order: not an object,
+    duplicate id, unknown image, (image skipped: not counted again), unknown category,
+    malformed bbox, zero or negative size, outside the image after clipping. Crowd regions are
+    kept apart, as COCO does.
+    """
+    n = len(annotations)
+    if n == 0:
+        return
+    is_dict = np.fromiter((isinstance(a, dict) for a in annotations), bool, n)
+    dicts = [a if ok else {} for a, ok in zip(annotations, is_dict)]
+    ann_ids = [a.get("id") for a in dicts]
+    image_ids = [a.get("image_id") for a in dicts]
+    category_ids = [a.get("category_id") for a in dicts]
+    bbox_rows = [a.get("bbox") for a in dicts]
+    crowd = np.fromiter((bool(a.get("iscrowd")) for a in dicts), bool, n)
+
+    duplicate = np.zeros(n, bool)
+    named = [(k, i) for k, i in enumerate(ann_ids) if i is not None and is_dict[k]]
+    if len({repr(i) for _, i in named}) != len(named):
+        seen: set = set()
+        for k, i in named:
+            key = repr(i)
+            duplicate[k] = key in seen
+            seen.add(key)
+
+    # Record position of each annotation's image: -1 when the image was skipped, -2 unknown.
+    position = {image_id: -1 for image_id in entries}
+    position.update({r.image_id: k for k, r in enumerate(records)})
+    pos = np.asarray(_lookup(position, image_ids, -2), np.int64)
+    labels = np.asarray(_lookup(label_of, category_ids, 0), np.int64)
+    try:
+        boxes = np.asarray(bbox_rows, np.float64)
+        if boxes.shape != (n, 4):
+            raise ValueError
+    except (ValueError, TypeError):
+        boxes = np.asarray([_box_or_nan(b) for b in bbox_rows], np.float64)
+
+    sizes = np.asarray([(r.width, r.height) for r in records] or [(0, 0)], np.float64)
+    width, height = sizes[np.maximum(pos, 0), 0], sizes[np.maximum(pos, 0), 1]
+    x, y, w, h = boxes.T
+    with np.errstate(invalid="ignore"):
+        x1, y1 = np.clip(x, 0, width), np.clip(y, 0, height)
+        x2, y2 = np.clip(x + w, 0, width), np.clip(y + h, 0, height)
+        finite = np.isfinite(boxes).all(axis=1)
+        empty = ~(w > 0) | ~(h > 0)
+        outside = (x2 - x1 < 1) | (y2 - y1 < 1)
+        clipped = (x1 != x) | (y1 != y) | (x2 != x + w) | (y2 != y + h)
+
+    remaining = np.ones(n, bool)
+
+    def drop(mask: np.ndarray, reason: str | None, example) -> None:
+        hit = remaining & mask
+        remaining[hit] = False
+        if reason is not None and hit.any():
+            for k in np.flatnonzero(hit)[:EXAMPLES_PER_REASON]:
+                report.add(reason, example(k), n=0)
+            report.add(reason, n=int(hit.sum()))
+
+    def box_text(k: int) -> str:
+        return f"annotation {ann_ids[k]}: bbox {bbox_rows[k]!r:.60}"
+
+    drop(~is_dict, "box_dropped_malformed", lambda k: repr(annotations[k])[:80])
+    drop(duplicate, "box_dropped_duplicate_id", lambda k: str(ann_ids[k]))
+    drop(pos == -2, "box_dropped_unknown_image", lambda k: f"annotation {ann_ids[k]} -> image {image_ids[k]}")
+    drop(pos == -1, None, None)  # the image itself was skipped and counted
+    drop(labels == 0, "box_dropped_unknown_category",
+         lambda k: f"annotation {ann_ids[k]} -> category {category_ids[k]}")
+    drop(~finite, "box_dropped_malformed", box_text)
+    drop(empty, "box_dropped_zero_or_negative_size", box_text)
+    drop(outside, "box_dropped_outside_image", box_text)
+    kept_clipped = remaining & clipped
+    for k in np.flatnonzero(kept_clipped)[:EXAMPLES_PER_REASON]:
+        report.add("box_clipped_to_image", box_text(k), n=0)
+    report.add("box_clipped_to_image", n=int(kept_clipped.sum()))
+    report.add("crowd_regions_ignored", n=int((remaining & crowd).sum()))
+
+    xyxy = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+    for mask, field_name in ((remaining & ~crowd, "boxes"), (remaining & crowd, "crowd_boxes")):
+        index = np.flatnonzero(mask)
+        index = index[np.argsort(pos[index], kind="stable")]
+        ends = np.cumsum(np.bincount(pos[index], minlength=len(records)))
+        chosen, chosen_labels = xyxy[index], labels[index]
+        start = 0
+        for k, end in enumerate(ends):
+            if end > start:
+                setattr(records[k], field_name, chosen[start:end])
+                if field_name == "boxes":
+                    records[k].labels = chosen_labels[start:end]
+            start = end
 
 
 def check_num_classes(num_classes: int | None, categories: list[Category]) -> None:

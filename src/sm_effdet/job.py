@@ -194,13 +194,13 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             fit_meta.update(train_ids=resumed["train_ids"], val_ids=resumed["val_ids"])
 
     train_loader = make_loader(
-        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment)),
+        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment), hp.img_size),
         hp.batch_size, workers, shuffle=True, pin_memory=pin,
     )
     val_loader = None
     if val_records:
         val_loader = make_loader(
-            DetectionDataset(val_records, eval_transform(hp.img_size)),
+            DetectionDataset(val_records, eval_transform(hp.img_size), hp.img_size),
             hp.batch_size, workers, shuffle=False, pin_memory=pin,
         )
 

@@ -6,7 +6,9 @@ so the steps are written here around effdet's training bench.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -16,6 +18,8 @@ from . import coco_eval
 from .coco import DataReport
 from .hyperparameters import Hyperparameters
 from .transforms import MEAN, STD
+
+log = logging.getLogger(__name__)
 
 
 class EfficientDetModule(L.LightningModule):
@@ -29,6 +33,7 @@ class EfficientDetModule(L.LightningModule):
         self.val_gt = val_gt
         self.report = report
         self._skipped_names: set[str] = set()
+        self._first_step_logged = False
         self._results: dict[int, list[list[float]]] = {}
         self.images_seen = 0
         self.images_skipped = 0
@@ -38,6 +43,15 @@ class EfficientDetModule(L.LightningModule):
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         # uint8 from the loader; normalised here, on the device.
         return (images.float() - self.mean) / self.std
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._first_step_logged:
+            self._first_step_logged = True
+            import psutil
+
+            started = psutil.Process().create_time()
+            log.info("first training step began %.1f s after the process started",
+                     time.time() - started)
 
     def on_train_epoch_start(self) -> None:
         self.images_seen = 0
