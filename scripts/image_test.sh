@@ -149,7 +149,8 @@ make_trees() {
     (cd "$repo_root" && uv run --frozen python -m sm_effdet.demo --make-tree "$work/ok" --epochs 2)
     [[ -f $work/ok/input/config/hyperparameters.json ]] || die "the demo wrote no hyperparameters.json"
     cp -a "$work/ok" "$work/bad"
-    cp -a "$work/ok" "$work/stop"
+    # The demo's full length, so that the job is still training when check (d) stops it.
+    (cd "$repo_root" && uv run --frozen python -m sm_effdet.demo --make-tree "$work/stop")
     # The same configuration plus one misspelt key.
     python3 - "$work/bad/input/config/hyperparameters.json" <<'PY'
 import json, sys
@@ -160,7 +161,7 @@ hps["learning_rat"] = "0.1"
 with open(path, "w") as f:
     json.dump(hps, f)
 PY
-    echo "trees in $work: ok/ and bad/ (hyperparameters + learning_rat)"
+    echo "trees in $work: ok/ (2 epochs), bad/ (+ learning_rat), stop/ (20 epochs)"
 }
 
 # The image's ENTRYPOINT words: `docker run IMAGE train` runs ENTRYPOINT + [train];

@@ -6,8 +6,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from sm_effdet.coco import MAX_IMAGE_PIXELS, ImageRecord

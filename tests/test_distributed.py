@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import FAST, failure_text, model_files, start_train, write_tree
 
 HOSTS = ["127.0.0.1", "localhost"]  # both resolve to this machine
@@ -40,6 +41,31 @@ def node(base: Path, host: str, hyperparameters: dict, n_images: int = 28) -> Pa
 def start(base: Path, port: int) -> subprocess.Popen:
     # Two "hosts" share this machine's cores: one thread each avoids oversubscription.
     return start_train(base, MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+
+
+def test_layout_from_resourceconfig(tmp_path, monkeypatch):
+    from sm_effdet.distributed import plan_layout, resolve
+    from sm_effdet.environment import Paths, read_environment
+    from sm_effdet.errors import UserInputError
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    paths = Paths(tmp_path)
+    paths.input_config.mkdir(parents=True)
+    paths.resource_config_file.write_text(json.dumps(
+        {"current_host": "algo-2", "hosts": ["algo-1", "algo-2", "algo-3"], "network_interface_name": "eth0"}))
+    env = read_environment(paths)
+    layout = plan_layout(env, "auto", gpus=4)
+    assert (layout.num_nodes, layout.processes_per_node, layout.world_size) == (3, 4, 12)
+    assert (layout.node_rank, layout.global_rank, layout.backend) == (1, 4, "nccl")
+    assert (layout.master_addr, layout.master_port) == ("algo-1", 7777)
+    assert plan_layout(env, 2, gpus=4).world_size == 6
+    assert plan_layout(env, "auto", gpus=0).backend == "gloo"
+    with pytest.raises(UserInputError, match="'devices' is 8 but this instance has 4 GPU"):
+        plan_layout(env, 8, gpus=4)
+    with pytest.raises(UserInputError, match="host 'no-such-host.invalid' from resourceconfig.json did not resolve within 1 s"):
+        resolve("no-such-host.invalid", timeout_s=1)
 
 
 def test_two_nodes_train_one_model_together(tmp_path):

@@ -80,6 +80,7 @@ def test_platform_keys_are_accepted():
         ({"backbone": "tf_lite9"}, "'backbone' has unknown value 'tf_lite9'; did you mean 'tf_lite4'?"),
         ({"model_type": "models.torchvision.faster_rcnn"}, "'model_type' has unsupported value"),
         ({"num_workers": "-2"}, "it must be 'auto' or a whole number of 0 or more."),
+        ({"devices": "0"}, "'devices' has invalid value '0': it must be 'auto' or a whole number of 1 or more."),
         ({"epochs": "NaN"}, "'epochs' has invalid value 'NaN': it must be a whole number."),
     ],
 )

@@ -10,9 +10,9 @@ import subprocess
 import time
 
 import numpy as np
+from conftest import FAST, failure_text, model_files, run_train, start_train, write_tree
 from PIL import Image
 
-from conftest import FAST, failure_text, model_files, run_train, start_train, write_tree
 from sm_effdet.checkpoints import list_checkpoints
 
 
@@ -60,6 +60,19 @@ def test_sigterm_checkpoints_then_a_new_start_resumes_and_finishes(tmp_path):
     meta = json.loads((base / "model" / "model.json").read_text())
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
     assert meta["best_epoch"] in (1, 2, 3)
+
+
+def test_ctrl_c_stops_like_sigterm(tmp_path):
+    base = write_tree(tmp_path / "opt_ml", {**FAST, "epochs": "3", "batch_size": "2", "val_fraction": "0"}, n_images=12)
+    job = start_train(base)
+    read_until(job, r"epoch=1/3 ")
+    job.send_signal(signal.SIGINT)
+    rest, _ = job.communicate(timeout=120)
+    assert job.returncode == 130, rest[-3000:]
+    reason = failure_text(base).splitlines()[0]
+    assert re.match(r"training was stopped by SIGINT \(Ctrl-C\) in epoch \d at step \d+; checkpoint checkpoint-algo-1-", reason), reason
+    assert len(list_checkpoints(base / "checkpoints")) >= 1
+    assert model_files(base) == []
 
 
 def test_hostile_dataset_trains_and_reports_everything(tmp_path):

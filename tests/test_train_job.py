@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from conftest import FAST, REPO, failure_text, model_files, run_train, write_tree
 from PIL import Image
 
-from conftest import FAST, REPO, failure_text, model_files, run_train, write_tree
 from sm_effdet.metrics_log import METRICS, metric_definitions
 
 MODEL_FILES = ["inference.py", "model.json", "model.safetensors"]

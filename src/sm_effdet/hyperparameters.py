@@ -138,28 +138,22 @@ def _choice(*choices: str, aliases: Mapping[str, str] | None = None):
     return normalise
 
 
-def _num_workers(value: Any, raw: Any) -> int | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = _as_int(value, raw)
-    except _Invalid:
-        raise _Invalid("'auto' or a whole number of 0 or more") from None
-    if number < 0:
-        raise _Invalid("'auto' or a whole number of 0 or more")
-    return number
+def _auto_or_count(minimum: int) -> Callable[[Any, Any], int | str]:
+    """'auto', or a whole number of at least `minimum`."""
+    allowed = f"'auto' or a whole number of {minimum} or more"
 
+    def coerce(value: Any, raw: Any) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = _as_int(value, raw)
+        except _Invalid:
+            raise _Invalid(allowed) from None
+        if number < minimum:
+            raise _Invalid(allowed)
+        return number
 
-def _devices(value: Any, raw: Any) -> int | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = _as_int(value, raw)
-    except _Invalid:
-        number = 0
-    if number < 1:
-        raise _Invalid("'auto' or a whole number of 1 or more")
-    return number
+    return coerce
 
 
 def _spec(
@@ -204,10 +198,10 @@ class Hyperparameters:
     )
     seed: int = _spec(42, _as_int, "random seed for the split, the weights and augmentation")
     num_workers: int | str = _spec(
-        "auto", _num_workers, "data loader processes per GPU; auto uses every CPU"
+        "auto", _auto_or_count(0), "data loader processes per GPU; auto uses every CPU"
     )
     devices: int | str = _spec(
-        "auto", _devices, "GPUs to train on per instance, one process each; auto uses all"
+        "auto", _auto_or_count(1), "GPUs to train on per instance, one process each; auto uses all"
     )
     precision: str = _spec(
         "auto", _as_str, "auto (bf16-mixed where the GPU supports it, else 16-mixed; 32 on "

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts, coco
+from .artifacts import remove_partial_model
 from .backbones import BACKBONES
 from .coco import DataReport, ImageRecord
-from .artifacts import remove_partial_model
 from .distributed import FailureWatchdog, Layout, plan_layout, set_rendezvous
 from .environment import (
     PRETRAINED_CHANNEL,
@@ -155,10 +155,10 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     import torch
 
     from . import coco_eval
+    from .checkpoints import ResumableCheckpoints, find_resumable
     from .data import DetectionDataset, make_loader
     from .lightning_module import EfficientDetModule
     from .metrics_log import EpochSummary
-    from .checkpoints import ResumableCheckpoints, find_resumable
     from .model import build_model
     from .transforms import eval_transform, train_transform
 
@@ -264,8 +264,8 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
                 module, train_dataloaders=train_loader, val_dataloaders=val_loader,
                 ckpt_path=resume[0] if resume else None, weights_only=True,
             )
-        except SystemExit as exc:  # SIGTERMException, or Lightning's exit after Ctrl-C
-            raise stopped_error(exc, trainer, checkpoints.saved_on_stop) from None
+        except SystemExit:  # SIGTERMException, or Lightning's exit after Ctrl-C
+            raise stopped_error(trainer, checkpoints.saved_on_stop) from None
         finally:
             if is_writer:
                 report.write(env.paths.output_data_dir / REPORT_FILE)
@@ -295,16 +295,17 @@ def resplit(
     return [by_id[i] for i in train_ids if i in by_id], [by_id[i] for i in val_ids if i in by_id]
 
 
-def stopped_error(exc: SystemExit, trainer: Any, checkpoint: Path | None) -> JobStopped:
-    stopped_by = "SIGTERM" if trainer.received_sigterm else "SIGINT (Ctrl-C)"
+def stopped_error(trainer: Any, checkpoint: Path | None) -> JobStopped:
+    by, code = ("SIGTERM", 143) if trainer.received_sigterm else ("SIGINT (Ctrl-C)", 130)
     where = f"in epoch {trainer.current_epoch + 1} at step {trainer.global_step}"
     if checkpoint is None:
-        return JobStopped(f"training was stopped by {stopped_by} {where} before a checkpoint "
-                          "could be written.", 143 if trainer.received_sigterm else 130)
+        return JobStopped(
+            f"training was stopped by {by} {where} before a checkpoint could be written.", code
+        )
     return JobStopped(
-        f"training was stopped by {stopped_by} {where}; checkpoint {checkpoint.name} was written "
-        f"to {checkpoint.parent}: run the job again with the same checkpoint location to resume.",
-        143 if trainer.received_sigterm else 130,
+        f"training was stopped by {by} {where}; checkpoint {checkpoint.name} was written to "
+        f"{checkpoint.parent}: run the job again with the same checkpoint location to resume.",
+        code,
     )
 
 
