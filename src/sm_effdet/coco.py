@@ -350,9 +350,11 @@ def _attach_boxes(
 
     remaining = np.ones(n, bool)
 
-    def drop(mask: np.ndarray, reason: str | None, example) -> None:
+    def drop(mask: np.ndarray, reason: str | None, example, keep: bool = False) -> None:
+        """Count the remaining annotations that `mask` hits; unless `keep`, drop them."""
         hit = remaining & mask
-        remaining[hit] = False
+        if not keep:
+            remaining[hit] = False
         if reason is not None and hit.any():
             for k in np.flatnonzero(hit)[:EXAMPLES_PER_REASON]:
                 report.add(reason, example(k), n=0)
@@ -370,11 +372,8 @@ def _attach_boxes(
     drop(~finite, "box_dropped_malformed", box_text)
     drop(empty, "box_dropped_zero_or_negative_size", box_text)
     drop(outside, "box_dropped_outside_image", box_text)
-    kept_clipped = remaining & clipped
-    for k in np.flatnonzero(kept_clipped)[:EXAMPLES_PER_REASON]:
-        report.add("box_clipped_to_image", box_text(k), n=0)
-    report.add("box_clipped_to_image", n=int(kept_clipped.sum()))
-    report.add("crowd_regions_ignored", n=int((remaining & crowd).sum()))
+    drop(clipped, "box_clipped_to_image", box_text, keep=True)
+    drop(crowd, "crowd_regions_ignored", lambda k: None, keep=True)
 
     xyxy = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
     for mask, field_name in ((remaining & ~crowd, "boxes"), (remaining & crowd, "crowd_boxes")):
