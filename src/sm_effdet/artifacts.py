@@ -8,11 +8,14 @@ hidden folder and moved in only once all of them are written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from . import stops
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +69,8 @@ def write_model(model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dic
     try:
         tensors = {k: v.contiguous() for k, v in state.items()}
         atomic_write_bytes(staging / WEIGHTS_FILE, save(tensors))
-        atomic_write_text(staging / METADATA_FILE, json.dumps(metadata, indent=2, default=str) + "\n")
+        stops.pause_for_test("model-writing")
+        atomic_write_text(staging / METADATA_FILE, strict_json(metadata))
         source = Path(__file__).with_name(INFERENCE_FILE)
         atomic_write_bytes(staging / INFERENCE_FILE, source.read_bytes())
         written = []
@@ -77,6 +81,31 @@ def write_model(model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dic
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def strict_json(value: Any) -> str:
+    """JSON that every parser reads: NaN and infinities (a diverged metric) become null."""
+    return json.dumps(_finite_or_none(value), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def non_finite_tensors(state: dict[str, "torch.Tensor"]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    import torch
+
+    return [
+        name for name, t in state.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def remove_partial_model(model_dir: Path) -> None:

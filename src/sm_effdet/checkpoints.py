@@ -9,6 +9,7 @@ interruption or MaxRuntime; SIGINT locally). SageMaker syncs the folder to S3.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import random
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from . import stops
 from .artifacts import atomic_write_bytes
 from .errors import UserInputError
 
@@ -34,6 +36,14 @@ NAME = re.compile(rf"^{PREFIX}(?P<host>.+)-epoch(?P<epoch>\d+)-step(?P<step>\d+)
 META_KEY = "sm_effdet"
 RNG_KEY = "sm_effdet_rng"
 FIT_KEYS = ("backbone", "img_size", "classes")
+# Hyperparameters a resumed job may change: they say how and where it runs, not what it trains.
+# precision too, because `auto` resolves by instance type and a spot restart may land elsewhere;
+# weights and optimiser state are float32 in every mode. `epochs` may grow (not shrink), to
+# extend a run. Any other difference means the checkpoint belongs to another training run.
+RESUME_MAY_CHANGE = frozenset(
+    {"num_workers", "devices", "checkpoint_every_minutes", "early_stopping_patience",
+     "precision", "num_classes"}
+)
 
 
 def checkpoint_name(host: str, epoch: int, step: int) -> str:
@@ -80,6 +90,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def find_resumable(folder: Path, expected: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint that fits this job; an unfit one is refused, not loaded."""
     for path in list_checkpoints(folder):
+        stops.pause_for_test("checkpoint-load")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             meta = checkpoint[META_KEY]
@@ -95,8 +106,35 @@ def find_resumable(folder: Path, expected: dict[str, Any]) -> tuple[Path, dict[s
                     f"has {expected[key]!r:.200}; remove it from the checkpoint location, give the "
                     "job another CheckpointConfig S3 location, or use the same settings."
                 )
+        check_hyperparameters(path, meta.get("hyperparameters"), expected.get("hyperparameters"))
         return path, {"epoch": epoch, "step": step, **meta}
     return None
+
+
+def check_hyperparameters(path: Path, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+    """Refuse to resume a checkpoint made with other training-defining hyperparameters."""
+    if old is None or new is None:  # written before checkpoints recorded them: resume as before
+        return
+    differ = []
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key), new.get(key)
+        if key in RESUME_MAY_CHANGE or before == now:
+            continue
+        if key == "epochs" and isinstance(before, int) and isinstance(now, int) and now > before:
+            continue
+        differ.append(f"{key} {_short(before)} (now {_short(now)})")
+    if differ:
+        raise UserInputError(
+            f"checkpoint {path.name} in {_short(str(path.parent))} was made with other "
+            f"hyperparameters: {'; '.join(differ[:8])}{'; ...' if len(differ) > 8 else ''}; to "
+            "resume, restore those values; to start a new training run, give the job a new "
+            "checkpoint location (CheckpointConfig)."
+        )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value) if not isinstance(value, str) or "/" not in value else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ResumableCheckpoints(L.Callback):
@@ -132,12 +170,26 @@ class ResumableCheckpoints(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer, "end of epoch")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own SIGTERM handler is installed by now (it calls stops' handler too):
+        # from here a stop, SIGINT included, finishes the step and ends here, in on_exception.
+        stops.training(functools.partial(_stop_after_step, trainer))
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException) -> None:
         # Lightning raises SIGTERMException after the step in progress has finished, so the
         # state written here is consistent.
-        if isinstance(exc, (SIGTERMException, KeyboardInterrupt)):
-            self.saved_on_stop = self.save(trainer, f"stopped by {type(exc).__name__}")
+        if isinstance(exc, SIGTERMException) and stops.requested() and self.saved_on_stop is None:
+            self.saved_on_stop = self.save(trainer, f"stopped by {stops.NAMES[stops.requested()]}")
+            stops.pause_for_test("after-stop-checkpoint")
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        stops.pause_for_test("restoring")
         if RNG_KEY in checkpoint:
             set_rng_states(checkpoint[RNG_KEY])
+
+
+def _stop_after_step(trainer: L.Trainer) -> None:
+    # The flag Lightning's SIGTERM handler sets: the loops raise SIGTERMException after the step
+    # in progress. Set here for SIGINT as well (Lightning handles SIGTERM only), and for a stop
+    # that arrived before Lightning installed its handler.
+    trainer._signal_connector.received_sigterm = True

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import traceback
 import warnings
 
 from .artifacts import remove_partial_model
 from .environment import paths_from_env, read_environment
+from . import stops
 from .errors import JobError, JobStopped, failure_reason, write_failure
 from .hyperparameters import parse_hyperparameters
 
@@ -28,39 +28,40 @@ def configure_logging() -> None:
     )
 
 
-def _stopped_before_training(signum: int, frame: object) -> None:
-    # Until Lightning installs its own handler (which finishes the step and checkpoints), a stop
-    # ends the job at once, with a failure reason rather than a silent kill.
-    raise JobStopped(
-        f"the job was stopped by {signal.Signals(signum).name} before training began; nothing "
-        "was trained or written.",
-        exit_code=128 + signum,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    # SageMaker runs `docker run <image> train`; with an ENTRYPOINT "train" arrives as argument.
-    if argv and argv[0] == "train":
-        argv = argv[1:]
-    configure_logging()
-    signal.signal(signal.SIGTERM, _stopped_before_training)
-    paths = paths_from_env()
-    if "LOCAL_RANK" not in os.environ:  # the job's first process; not a DDP worker it started
-        paths.failure_file.unlink(missing_ok=True)
+    # First of all: from here on every stop has a defined answer (see stops.py), never a silent kill.
+    stops.install()
     hp = None
     try:
+        argv = sys.argv[1:] if argv is None else argv
+        # SageMaker runs `docker run <image> train`; with an ENTRYPOINT "train" arrives as argument.
+        if argv and argv[0] == "train":
+            argv = argv[1:]
+        configure_logging()
+        paths = paths_from_env()
+        if "LOCAL_RANK" not in os.environ:  # the job's first process; not a DDP worker it started
+            paths.failure_file.unlink(missing_ok=True)
+        stops.start_up("reading the configuration")
         env = read_environment(paths)
         hp = parse_hyperparameters(env.hyperparameters)
         from .job import run_job  # torch, Lightning and Icevision load only past these checks
 
         run_job(env, hp)
-    except (Exception, KeyboardInterrupt) as exc:
-        reason, code = failure_reason(exc, hp)
-        log.error("training failed: %s", reason)
-        if not isinstance(exc, JobError) or exc.__cause__ is not None:
-            log.error("%s", "".join(traceback.format_exception(exc)))
-        remove_partial_model(paths.model_dir)
-        write_failure(paths.failure_file, reason)
-        return code
+    except (Exception, KeyboardInterrupt, JobStopped) as exc:
+        stops.finishing()  # a stop now must not cut the failure reason short
+        return report_failure(exc, hp)
+    if stops.requested():
+        log.warning("the stop arrived after training had ended; the model was written whole")
     return 0
+
+
+def report_failure(exc: BaseException, hp: object) -> int:
+    """Log the reason (and the traceback of an unexpected error), write output/failure."""
+    paths = paths_from_env()
+    reason, code = failure_reason(exc, hp)
+    log.error("training failed: %s", reason)
+    if not isinstance(exc, (JobError, JobStopped)) or exc.__cause__ is not None:
+        log.error("%s", "".join(traceback.format_exception(exc)))
+    remove_partial_model(paths.model_dir)
+    write_failure(paths.failure_file, reason)
+    return code

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import stops
 from .errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ def _image_size(entry: dict, path: Path, report: DataReport) -> tuple[int, int] 
 
     try:
         with Image.open(path) as img:
+            stops.pause_for_test("image-header")  # a stop must pass this `except Exception`
             report.add("image_size_read_from_file", entry.get("file_name"))
             return img.size
     except Exception:

@@ -33,7 +33,7 @@ def write_failure(path: Path, reason: str) -> None:
 
 def failure_reason(exc: BaseException, hp: Any = None) -> tuple[str, int]:
     """The one sentence the user sees as the job's FailureReason, and the exit code."""
-    if isinstance(exc, JobError):
+    if isinstance(exc, (JobError, JobStopped)):
         return str(exc), getattr(exc, "exit_code", 1)
     name = type(exc).__name__
     if name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
@@ -52,8 +52,12 @@ def failure_reason(exc: BaseException, hp: Any = None) -> tuple[str, int]:
     )
 
 
-class JobStopped(JobError):
-    """The job was stopped by a signal (StopTrainingJob, spot interruption, MaxRuntime, Ctrl-C)."""
+class JobStopped(BaseException):
+    """The job was stopped by a signal (StopTrainingJob, spot interruption, MaxRuntime, Ctrl-C).
+
+    Not an Exception, like KeyboardInterrupt: code that catches Exception to skip a bad image or
+    an unreadable checkpoint must not swallow a stop. Its message is a sentence for the user.
+    """
 
     def __init__(self, message: str, exit_code: int = 143) -> None:
         super().__init__(message)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -14,7 +13,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, coco
+from . import artifacts, coco, stops
 from .artifacts import remove_partial_model
 from .backbones import BACKBONES
 from .coco import DataReport, ImageRecord
@@ -139,11 +138,54 @@ def _stop_for_peer(paths: Paths, reason: str) -> None:
 
 
 def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> list[Path]:
+    """The job as a story of phases: data, resume, loaders, model, trainer, fit, artifacts."""
     started = time.monotonic()
-    is_writer = layout.global_rank == 0  # only global rank 0 writes reports and the model
+    stops.start_up("reading the data")
     report = DataReport()
     categories, train_records, val_records = prepare_data(env, hp, report)
-    if is_writer:
+    _report_data(env, report, categories, layout)
+
+    import lightning as L
+
+    L.seed_everything(hp.seed, workers=True, verbose=False)
+    settings = _run_settings(hp, layout)
+    checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
+    fit_meta = _fit_meta(hp, categories, report, train_records, val_records)
+    stops.start_up("looking for a checkpoint to resume")
+    resume_path, train_records, val_records = _resume(
+        checkpoint_dir, fit_meta, train_records, val_records
+    )
+    train_loader, val_loader = _loaders(hp, settings, train_records, val_records)
+    stops.start_up("building the model")
+    module = _model(env, hp, categories, val_records, report, resumed=resume_path is not None)
+    summary, checkpoints, callbacks = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records))
+    log.info(
+        "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
+        "all), %d epochs, %s precision on %s, %d loader workers per process; best model by %s; "
+        "checkpoints in %s",
+        hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size,
+        hp.batch_size * layout.world_size, hp.epochs, settings["precision"],
+        settings["accelerator"], settings["workers"],
+        summary.monitor or "last epoch (no validation set)", checkpoint_dir,
+    )
+    with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
+        trainer = _trainer(settings, hp, layout, callbacks, val_loader is not None, scratch)
+        try:
+            _fit(trainer, module, train_loader, val_loader, resume_path, checkpoints)
+        finally:  # images skipped while training are counted, even when training failed
+            if layout.global_rank == 0:
+                report.write(env.paths.output_data_dir / REPORT_FILE)
+            if report.counts["image_skipped_at_load"]:
+                log.info(report.summary())
+    # Training is over: a stop from here on lets the model be written whole (stops.py).
+    stops.finishing()
+    return _write_artifacts(env, hp, categories, summary, report, trainer, layout, started)
+
+
+def _report_data(
+    env: TrainingEnvironment, report: DataReport, categories: list[coco.Category], layout: Layout
+) -> None:
+    if layout.global_rank == 0:  # only global rank 0 writes reports and the model
         report.write(env.paths.output_data_dir / REPORT_FILE)
     log.info(report.summary())
     log.info(
@@ -151,48 +193,69 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
         len(categories), ", ".join(f"{c.name} (id {c.id})" for c in categories[:50]),
     )
 
-    import lightning as L
+
+def _run_settings(hp: Hyperparameters, layout: Layout) -> dict[str, Any]:
     import torch
 
-    from . import coco_eval
-    from .checkpoints import ResumableCheckpoints, find_resumable
-    from .data import DetectionDataset, make_loader
-    from .lightning_module import EfficientDetModule
-    from .metrics_log import EpochSummary
-    from .model import build_model
-    from .transforms import eval_transform, train_transform
-
-    L.seed_everything(hp.seed, workers=True, verbose=False)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(hp.precision, accelerator)
-    workers = resolve_num_workers(hp.num_workers, layout.processes_per_node)
-    pin = accelerator == "gpu"
+    return {
+        "accelerator": accelerator,
+        "precision": resolve_precision(hp.precision, accelerator),
+        "workers": resolve_num_workers(hp.num_workers, layout.processes_per_node),
+        "pin": accelerator == "gpu",
+    }
 
-    checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
-    fit_meta = {
+
+def _fit_meta(
+    hp: Hyperparameters, categories: list[coco.Category], report: DataReport,
+    train_records: list[ImageRecord], val_records: list[ImageRecord],
+) -> dict[str, Any]:
+    """What a checkpoint was made for; a resumed job must match it (checkpoints.find_resumable)."""
+    return {
         "backbone": hp.backbone,
         "img_size": hp.img_size,
         "classes": [[c.id, c.name] for c in categories],
         "split": report.split.get("how"),
         "train_ids": [r.image_id for r in train_records],
         "val_ids": [r.image_id for r in val_records],
+        "hyperparameters": hp.to_dict(),
     }
-    resume = find_resumable(checkpoint_dir, fit_meta)
-    if resume is not None:
-        resume_path, resumed = resume
-        log.info(
-            "resuming from checkpoint %s (epoch %d, step %d)",
-            resume_path, resumed["epoch"] + 1, resumed["step"],
-        )
-        if resumed["split"] == fit_meta["split"] and (
-            resumed["train_ids"] != fit_meta["train_ids"] or resumed["val_ids"] != fit_meta["val_ids"]
-        ):
-            log.warning("the data changed since the checkpoint; its train/validation split is kept")
-            train_records, val_records = resplit(
-                train_records + val_records, resumed["train_ids"], resumed["val_ids"]
-            )
-            fit_meta.update(train_ids=resumed["train_ids"], val_ids=resumed["val_ids"])
 
+
+def _resume(
+    checkpoint_dir: Path, fit_meta: dict[str, Any], train_records: list[ImageRecord],
+    val_records: list[ImageRecord],
+) -> tuple[Path | None, list[ImageRecord], list[ImageRecord]]:
+    """The checkpoint to resume from, if any, and the split to train on (the checkpoint's)."""
+    from .checkpoints import find_resumable
+
+    resume = find_resumable(checkpoint_dir, fit_meta)
+    if resume is None:
+        return None, train_records, val_records
+    resume_path, resumed = resume
+    log.info(
+        "resuming from checkpoint %s (epoch %d, step %d)",
+        resume_path, resumed["epoch"] + 1, resumed["step"],
+    )
+    if resumed["split"] == fit_meta["split"] and (
+        resumed["train_ids"] != fit_meta["train_ids"] or resumed["val_ids"] != fit_meta["val_ids"]
+    ):
+        log.warning("the data changed since the checkpoint; its train/validation split is kept")
+        train_records, val_records = resplit(
+            train_records + val_records, resumed["train_ids"], resumed["val_ids"]
+        )
+        fit_meta.update(train_ids=resumed["train_ids"], val_ids=resumed["val_ids"])
+    return resume_path, train_records, val_records
+
+
+def _loaders(
+    hp: Hyperparameters, settings: dict[str, Any], train_records: list[ImageRecord],
+    val_records: list[ImageRecord],
+) -> tuple[Any, Any]:
+    from .data import DetectionDataset, make_loader
+    from .transforms import eval_transform, train_transform
+
+    workers, pin = settings["workers"], settings["pin"]
     train_loader = make_loader(
         DetectionDataset(train_records, train_transform(hp.img_size, hp.augment), hp.img_size),
         hp.batch_size, workers, shuffle=True, pin_memory=pin,
@@ -203,15 +266,35 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             DetectionDataset(val_records, eval_transform(hp.img_size), hp.img_size),
             hp.batch_size, workers, shuffle=False, pin_memory=pin,
         )
+    return train_loader, val_loader
+
+
+def _model(
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category],
+    val_records: list[ImageRecord], report: DataReport, resumed: bool,
+) -> Any:
+    from . import coco_eval
+    from .lightning_module import EfficientDetModule
+    from .model import build_model
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
     # A resumed job takes every weight from its checkpoint.
-    use_pretrained = hp.pretrained and resume is None
+    use_pretrained = hp.pretrained and not resumed
     bench = build_model(hp.backbone, len(categories), hp.img_size, use_pretrained, pretrained_dir)
     val_gt = coco_eval.ground_truth(val_records, len(categories)) if val_records else None
-    module = EfficientDetModule(bench, hp, val_gt, report)
+    return EfficientDetModule(bench, hp, val_gt, report)
 
-    monitor = hp.monitor if val_records else None
+
+def _callbacks(
+    env: TrainingEnvironment, hp: Hyperparameters, checkpoint_dir: Path, fit_meta: dict[str, Any],
+    has_validation: bool,
+) -> tuple[Any, Any, list[Any]]:
+    import lightning as L
+
+    from .checkpoints import ResumableCheckpoints
+    from .metrics_log import EpochSummary
+
+    monitor = hp.monitor if has_validation else None
     summary = EpochSummary(monitor, hp.epochs)
     checkpoints = ResumableCheckpoints(
         checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta
@@ -224,62 +307,82 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
                 check_on_train_epoch_end=True,
             )
         )
-    log.info(
-        "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
-        "all), %d epochs, %s precision on %s, %d loader workers per process; best model by %s; "
-        "checkpoints in %s",
-        hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size,
-        hp.batch_size * layout.world_size, hp.epochs, precision, accelerator, workers,
-        monitor or "last epoch (no validation set)", checkpoint_dir,
-    )
+    return summary, checkpoints, callbacks
+
+
+def _trainer(
+    settings: dict[str, Any], hp: Hyperparameters, layout: Layout, callbacks: list[Any],
+    has_validation: bool, scratch: str,
+) -> Any:
+    import lightning as L
+
     strategy: Any = "auto"
     if layout.is_distributed:
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend=layout.backend, timeout=DDP_TIMEOUT)
-    with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=layout.processes_per_node,
-            num_nodes=layout.num_nodes,
-            strategy=strategy,
-            max_epochs=hp.epochs,
-            precision=precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=sys.stdout.isatty(),
-            enable_model_summary=False,
-            callbacks=callbacks,
-            gradient_clip_val=10.0,
-            limit_val_batches=1.0 if val_loader is not None else 0,
-            num_sanity_val_steps=0,
-            benchmark=accelerator == "gpu",
-            log_every_n_steps=50,
-            default_root_dir=scratch,
-        )
-        # Lightning's own SIGTERM handler (finish the step, then stop) takes over from here.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        try:
-            trainer.fit(
-                module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=resume[0] if resume else None, weights_only=True,
-            )
-        except SystemExit:  # SIGTERMException, or Lightning's exit after Ctrl-C
-            raise stopped_error(trainer, checkpoints.saved_on_stop) from None
-        finally:
-            if is_writer:
-                report.write(env.paths.output_data_dir / REPORT_FILE)
-            if report.counts["image_skipped_at_load"]:
-                log.info(report.summary())
+    return L.Trainer(
+        accelerator=settings["accelerator"],
+        devices=layout.processes_per_node,
+        num_nodes=layout.num_nodes,
+        strategy=strategy,
+        max_epochs=hp.epochs,
+        precision=settings["precision"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=sys.stdout.isatty(),
+        enable_model_summary=False,
+        callbacks=callbacks,
+        gradient_clip_val=10.0,
+        limit_val_batches=1.0 if has_validation else 0,
+        num_sanity_val_steps=0,
+        benchmark=settings["accelerator"] == "gpu",
+        log_every_n_steps=50,
+        default_root_dir=scratch,
+    )
 
+
+def _fit(
+    trainer: Any, module: Any, train_loader: Any, val_loader: Any, resume_path: Path | None,
+    checkpoints: Any,
+) -> None:
+    # Until the first step a stop ends the job at once (JobStopped, raised through Lightning's
+    # set-up and restore); from then on ResumableCheckpoints hands stops to Lightning, which
+    # finishes the step, and the checkpoint is written (stops.py).
+    stops.start_up(f"restoring checkpoint {resume_path.name}" if resume_path else "starting the trainer")
+    try:
+        trainer.fit(
+            module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+            ckpt_path=resume_path, weights_only=True,
+        )
+    except SystemExit:  # Lightning's SIGTERMException, raised once the step has finished
+        if not stops.requested():
+            raise
+        stops.finishing()
+        raise stopped_error(trainer, checkpoints.saved_on_stop) from None
+
+
+def _write_artifacts(
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category], summary: Any,
+    report: DataReport, trainer: Any, layout: Layout, started: float,
+) -> list[Path]:
     if summary.best_state is None:
         raise UserInputError("training finished without a completed epoch; check the log above.")
-    if not is_writer:
+    if layout.global_rank != 0:
         return []
+    bad = artifacts.non_finite_tensors(summary.best_state)
+    if bad:
+        raise UserInputError(
+            f"the weights of epoch {summary.best_epoch} hold non-finite values (NaN or infinity, "
+            f"in {len(bad)} tensors such as {bad[0]}): training diverged, so no model was "
+            f"written; lower learning_rate (now {hp.learning_rate:g}) and use a new checkpoint "
+            "location."
+        )
     metadata = model_metadata(
         hp, categories, summary, report, time.monotonic() - started, layout.world_size
     )
     written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
+    monitor = summary.monitor
     log.info(
         "model written to %s (best epoch %s of %d%s)",
         env.paths.model_dir, summary.best_epoch, trainer.current_epoch,
@@ -296,7 +399,7 @@ def resplit(
 
 
 def stopped_error(trainer: Any, checkpoint: Path | None) -> JobStopped:
-    by, code = ("SIGTERM", 143) if trainer.received_sigterm else ("SIGINT (Ctrl-C)", 130)
+    by, code = stops.NAMES[stops.requested()], stops.exit_code()
     where = f"in epoch {trainer.current_epoch + 1} at step {trainer.global_step}"
     if checkpoint is None:
         return JobStopped(

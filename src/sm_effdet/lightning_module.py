@@ -14,12 +14,17 @@ from typing import Any
 import lightning as L
 import torch
 
-from . import coco_eval
+from . import coco_eval, stops
 from .coco import DataReport
+from .errors import UserInputError
 from .hyperparameters import Hyperparameters
 from .transforms import MEAN, STD
 
 log = logging.getLogger(__name__)
+
+# Consecutive steps with a non-finite loss before the job stops as diverged. One such step is
+# normal with a 16-bit grad scaler (an overflow; the step is skipped); ten in a row is not.
+NONFINITE_LIMIT = 10
 
 
 class EfficientDetModule(L.LightningModule):
@@ -37,6 +42,8 @@ class EfficientDetModule(L.LightningModule):
         self._results: dict[int, list[list[float]]] = {}
         self.images_seen = 0
         self.images_skipped = 0
+        self.batches_attempted = 0
+        self.nonfinite_steps = 0
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -54,8 +61,10 @@ class EfficientDetModule(L.LightningModule):
                      time.time() - started)
 
     def on_train_epoch_start(self) -> None:
+        # Counted per run: a resumed epoch may have no batches left to attempt here.
         self.images_seen = 0
         self.images_skipped = 0
+        self.batches_attempted = 0
 
     def count_skipped(self, batch: dict[str, Any]) -> None:
         for file_name, reason in batch["skipped"]:
@@ -64,20 +73,46 @@ class EfficientDetModule(L.LightningModule):
                 self.report.add("image_skipped_at_load", reason)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        stops.pause_for_test("training")
+        self.batches_attempted += 1
         self.count_skipped(batch)
         self.images_skipped += len(batch["skipped"])
         if batch["images"] is None:  # every image of the batch was unreadable
             return None
         self.images_seen += len(batch["images"])
         out = self.bench(self.normalise(batch["images"]), batch["targets"])
+        if not self.loss_is_finite(out["loss"]):
+            return None  # no backward, no optimiser step: the weights stay as they were
         self.log("train_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=len(batch["images"]))
         return out["loss"]
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """Count consecutive non-finite losses; stop the job as diverged at NONFINITE_LIMIT."""
+        finite = torch.isfinite(loss.detach()).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank skips the same steps, so that DDP's collectives stay in step.
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item():
+            self.nonfinite_steps = 0
+            return True
+        self.nonfinite_steps += 1
+        epoch, step = self.current_epoch + 1, self.trainer.global_step + 1
+        log.warning("the loss is not finite (%s) at epoch %d, step %d; the step is skipped",
+                    float(loss.detach()), epoch, step)
+        if self.nonfinite_steps >= NONFINITE_LIMIT:
+            raise UserInputError(
+                f"training diverged: the loss was not finite (NaN or infinity) for "
+                f"{NONFINITE_LIMIT} steps in a row, up to epoch {epoch} step {step}; lower "
+                f"learning_rate (now {self.hp.learning_rate:g}) and use a new checkpoint location."
+            )
+        return False
 
     def on_validation_epoch_start(self) -> None:
         self._results = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        stops.pause_for_test("validation")
         self.count_skipped(batch)
         if batch["images"] is None:
             return

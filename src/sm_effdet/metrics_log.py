@@ -80,15 +80,18 @@ class EpochSummary(L.Callback):
         epoch = trainer.current_epoch + 1
         # Summed over every rank (each saw its shard); a collective, so every rank runs it.
         local = torch.tensor(
-            [pl_module.images_seen, pl_module.images_skipped], dtype=torch.float64,
-            device=pl_module.device,
+            [pl_module.images_seen, pl_module.images_skipped, pl_module.batches_attempted],
+            dtype=torch.float64, device=pl_module.device,
         )
-        seen, skipped = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum").tolist())
+        totals = trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        seen, skipped, attempted = (int(v) for v in totals)
         values["images_skipped"] = skipped
         if trainer.world_size > 1:
             log.info("rank %d trained on %d images in epoch %d (%d on all %d ranks)",
                      trainer.global_rank, pl_module.images_seen, epoch, seen, trainer.world_size)
-        if seen == 0:
+        # Only batches tried in this run count: an epoch resumed after its last training step
+        # (stopped in validation) has none left, which says nothing about the images.
+        if seen == 0 and attempted > 0:
             raise UserInputError(
                 f"no training image could be read in epoch {epoch} (every one failed to load; "
                 "the log names them); check that the image files are valid."
