@@ -133,7 +133,7 @@ def test_stop_while_lightning_restores_states_then_resume_finishes(finished, tmp
     reason = failure_text(base)
     assert re.match(
         r"the job was stopped by SIGINT \(Ctrl-C\) before training began \(while restoring "
-        r"checkpoint checkpoint-algo-1-epoch0001-step\d+\.ckpt\)", reason
+        r"checkpoint checkpoint-algo-1-epoch0000-step000000002\.ckpt\)", reason
     ), reason
     assert model_files(base) == []
 
@@ -156,7 +156,7 @@ def test_resume_with_other_training_hyperparameters_is_refused(finished, tmp_pat
     assert result.returncode == 2, result.stdout[-3000:]
     reason = failure_text(base)
     assert re.fullmatch(
-        r"checkpoint checkpoint-algo-1-epoch0001-step\d+\.ckpt in \S+ was made with other "
+        r"checkpoint checkpoint-algo-1-epoch0000-step000000002\.ckpt in \S+ was made with other "
         r"hyperparameters: learning_rate 0\.001 \(now 0\.3\); lr_schedule 'cosine' \(now "
         r"'constant'\); to resume, restore those values; to start a new training run, give the "
         r"job a new checkpoint location \(CheckpointConfig\)\.\n", reason
