@@ -13,9 +13,10 @@ import signal
 import subprocess
 
 import pytest
+import torch
 from conftest import FAST, failure_text, model_files, run_train, start_train, write_tree
 
-from sm_effdet.artifacts import strict_json
+from sm_effdet.artifacts import non_finite_tensors, strict_json
 from sm_effdet.checkpoints import list_checkpoints
 
 MODEL = ["inference.py", "model.json", "model.safetensors"]
@@ -230,10 +231,15 @@ def test_divergence_stops_the_job_and_writes_no_model(tmp_path, learning_rate):
     reason = failure_text(base)
     assert re.fullmatch(
         r"training diverged: the loss was not finite \(NaN or infinity\) for 10 steps in a row, "
-        rf"up to epoch \d step \d+; lower learning_rate \(now {float(learning_rate):g}\) and use a "
+        rf"up to epoch \d step \d+; lower learning_rate \(now {re.escape(f'{float(learning_rate):g}')}\) and use a "
         r"new checkpoint location\.\n", reason
     ), reason
     assert model_files(base) == []
+
+
+def test_non_finite_weights_are_found_before_writing():
+    state = {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")]), "n": torch.tensor([2])}
+    assert non_finite_tensors(state) == ["b"]
 
 
 def test_model_json_is_strict_json():
