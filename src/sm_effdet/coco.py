@@ -74,7 +74,8 @@ class DataReport:
     def summary(self) -> str:
         problems = {
             k: v for k, v in sorted(self.counts.items())
-            if k.startswith(("image_skipped", "box_dropped", "box_clipped", "crowd", "split"))
+            if k.startswith(("image_skipped", "image_truncated", "box_dropped", "box_clipped", "crowd",
+                             "split", "category"))
         }
         listed = (
             f"{self.counts['images_listed']} images and {self.counts['boxes_listed']} boxes listed"
