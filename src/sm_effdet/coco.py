@@ -510,7 +510,7 @@ def _attach_boxes(
     drop(labels == 0, "box_dropped_unknown_category",
          lambda k: f"annotation {ann_ids[k]} -> category {category_ids[k]}")
     drop(~finite, "box_dropped_malformed", box_text)
-    drop(bad_crowd, "box_dropped_malformed", lambda k: f"annotation {ann_ids[k]}: iscrowd {shorten(dicts[k].get('iscrowd'), 40)}")
+    drop(bad_crowd, "box_dropped_malformed", lambda k: f"annotation {ann_ids[k]}: iscrowd {shorten(repr(dicts[k].get('iscrowd')), 40)}")
     drop(empty, "box_dropped_zero_or_negative_size", box_text)
     drop(outside, "box_dropped_outside_image", box_text)
     drop(clipped, "box_clipped_to_image", box_text, keep=True)
