@@ -169,15 +169,33 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _within(path: Path, real_root: str, real_dirs: dict[str, str]) -> bool:
-    """Whether `path` really lies inside `real_root` once symlinks are followed, as the text
-    check of safe_join cannot see. Directories are resolved once each (a few per channel), so
-    that a COCO-sized channel costs one lstat per image."""
+def _check_image_path(path: Path, real_root: str, real_dirs: dict[str, str]) -> str | None:
+    """Why the image at `path` cannot be used, as a report reason, or None when it can.
+
+    One lstat per image, as a plain existence check costs: a symlink is followed and must end
+    inside the channel (like a '../', which safe_join refuses by its text); the folders on the
+    way are resolved once each, a few per channel, to catch a linked folder.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "image_skipped_missing_file"
+    except (OSError, ValueError):  # a name the OS refuses: a component too long, a NUL byte
+        return "image_skipped_invalid_file_name"
     parent, name = os.path.split(path)
-    if parent not in real_dirs:
-        real_dirs[parent] = os.path.realpath(parent)
-    real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dirs[parent], name)
-    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+    if stat.S_ISLNK(mode):
+        real = os.path.realpath(path)
+        if not os.path.isfile(real):
+            return "image_skipped_missing_file"
+    else:
+        if not stat.S_ISREG(mode):
+            return "image_skipped_missing_file"
+        if parent not in real_dirs:
+            real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_dirs[parent], name)
+    if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return "image_skipped_unsafe_file_name"
+    return None
 
 
 def safe_join(root: Path, relative: str) -> Path | None:
@@ -362,17 +380,9 @@ def load_coco(
         if path is None:
             report.add("image_skipped_unsafe_file_name", shorten(file_name))
             continue
-        try:
-            is_file = path.is_file()
-        except (OSError, ValueError) as exc:  # a name the OS refuses: too long, a NUL byte
-            report.add("image_skipped_invalid_file_name", f"{shorten(file_name)}: {exc.__class__.__name__}")
-            continue
-        if not is_file:
-            report.add("image_skipped_missing_file", shorten(file_name))
-            continue
-        if not _within(path, real_channel, real_dirs):
-            # A symlink that leads out of the channel, like a '../' in the name.
-            report.add("image_skipped_unsafe_file_name", f"{shorten(file_name)} (a link out of the channel)")
+        problem = _check_image_path(path, real_channel, real_dirs)
+        if problem:
+            report.add(problem, shorten(file_name))
             continue
         size = _image_size(entry, path, report)
         if size is None:
