@@ -33,7 +33,7 @@ def test_every_mode_becomes_rgb_uint8(tmp_path, mode):
         image = source.convert(mode)
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
     image.save(path)
-    array, _ = load_image(record(path, 64, 48))
+    array, _, _ = load_image(record(path, 64, 48))
     assert array.shape == (48, 64, 3) and array.dtype == np.uint8
     if mode == "I;16":  # scaled back to 8 bits, not saturated at 255
         assert np.abs(array[:, :, 0].astype(int) - np.asarray(source, int)).max() <= 1
@@ -47,7 +47,7 @@ def test_exif_rotated_jpeg_is_turned_upright_when_annotated_upright(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(stored).save(path, exif=exif, quality=95)
-    array, _ = load_image(record(path, 200, 100))
+    array, _, _ = load_image(record(path, 200, 100))
     assert array.shape == (100, 200, 3)
     assert array[25, 170].mean() > 200 and array[80, 20].mean() < 50  # the box is where it was
     # Annotated on the stored pixels (a tool that ignores EXIF): the stored pixels are used.
@@ -100,11 +100,11 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_boxes_scaled(tmp_path):
     path = tmp_path / "big.jpg"
     Image.fromarray(big).save(path, quality=95)
     rec = record(path, 1920, 1080, boxes=((800, 200, 1600, 600),))
-    array, scale = load_image(rec, target=256)
+    array, scale, _ = load_image(rec, target=256)
     assert max(array.shape[:2]) >= 256 and array.shape[1] == 240 * 2  # 1/4 of 1920
     assert scale == array.shape[1] / 1920
     assert array[int(400 * scale), int(1200 * scale)].mean() > 200
-    full, full_scale = load_image(rec)
+    full, full_scale, _ = load_image(rec)
     assert full.shape == (1080, 1920, 3) and full_scale == 1.0
     # The dataset's output is the same, up to resampling, with and without the reduced decode.
     reduced = DetectionDataset([rec], eval_transform(256), img_size=256)[0]
@@ -113,3 +113,88 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_boxes_scaled(tmp_path):
     assert reduced["img_scale"] == plain["img_scale"] == 1920 / 256
     diff = (reduced["image"].float() - plain["image"].float()).abs().mean()
     assert diff < 8
+
+
+# Odd and prime sides from 2x to 8x img_size=256: every libjpeg reduction (1/2, 1/4, 1/8) and
+# every rounding of a side that is not a multiple of the reduction.
+ODD_SIDES = (511, 513, 626, 767, 899, 1021, 1031, 1279, 1537, 2039, 2053, 2311)
+
+
+def test_odd_sized_jpegs_decode_at_reduced_scale_to_their_exact_size(tmp_path):
+    checked = set()
+    for width in ODD_SIDES:
+        for height in ODD_SIDES[::3]:
+            path = tmp_path / f"{width}x{height}.jpg"
+            # A bright block whose position shows that the boxes scale with the pixels.
+            pixels = np.zeros((height, width, 3), np.uint8)
+            pixels[height // 4 : height // 2, width // 4 : width // 2] = 255
+            Image.fromarray(pixels).save(path, quality=90)
+            box = (width / 4, height / 4, width / 2, height / 2)
+            array, scale, truncated = load_image(record(path, width, height, (box,)), target=256)
+            reduce = round(1 / scale)
+            checked.add(reduce)
+            assert not truncated
+            assert array.shape == (-(-height // reduce), -(-width // reduce), 3), (width, height)
+            middle = int((box[1] + box[3]) / 2 * scale), int((box[0] + box[2]) / 2 * scale)
+            assert array[middle].mean() > 200, (width, height)
+    assert checked == {1, 2, 4, 8}
+
+
+def test_the_raccoon_photographs_load_at_every_scale():
+    import glob
+
+    photos = sorted(glob.glob("/work/shared/data/raccoon/images/*.jpg"))
+    if not photos:
+        pytest.skip("the shared raccoon photographs are not on this machine")
+    for path in photos:
+        with Image.open(path) as img:
+            width, height = img.size
+        for target in (None, 256):
+            array, scale, _ = load_image(record(Path(path), width, height), target=target)
+            assert array.shape[2] == 3 and abs(array.shape[1] / scale - width) < 1 / scale
+
+
+def _photo_jpeg(width: int = 640, height: int = 480) -> bytes:
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).resize((width, height), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_jpeg_short_of_its_last_bytes_is_used_and_flagged(tmp_path):
+    from PIL import ImageFile
+
+    data = _photo_jpeg()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) - 200])  # an interrupted download: the end is missing
+    with Image.open(path) as img, pytest.raises(OSError, match="truncated"):
+        img.load()  # Pillow alone refuses it
+    for target in (None, 256):
+        array, scale, truncated = load_image(record(path, 640, 480), target=target)
+        assert truncated and array.shape[1] == 640 * scale
+        assert array[: array.shape[0] // 2].std() > 10  # real pixels, not the grey fill
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # no global side effect
+    full = tmp_path / "full.jpg"
+    full.write_bytes(data)
+    assert load_image(record(full, 640, 480))[2] is False
+
+
+def test_jpeg_with_most_of_it_missing_is_still_skipped(tmp_path):
+    data = _photo_jpeg()
+    (tmp_path / "half.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "header.jpg").write_bytes(data[:300])
+    with pytest.raises(ImageLoadError, match=r"half.jpg is cut short: \d+ of its 480 rows are missing"):
+        load_image(record(tmp_path / "half.jpg", 640, 480))
+    with pytest.raises(ImageLoadError, match="cannot read header.jpg"):
+        load_image(record(tmp_path / "header.jpg", 640, 480))
+
+
+def test_truncated_images_travel_with_the_batch(tmp_path):
+    data = _photo_jpeg(320, 240)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) - 100])
+    (tmp_path / "whole.jpg").write_bytes(data)
+    records = [record(tmp_path / "cut.jpg", 320, 240), record(tmp_path / "whole.jpg", 320, 240)]
+    dataset = DetectionDataset(records, eval_transform(256))
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["images"].shape[0] == 2 and batch["truncated"] == ["cut.jpg"]

@@ -82,6 +82,8 @@ def test_platform_keys_are_accepted():
         ({"num_workers": "-2"}, "it must be 'auto' or a whole number of 0 or more."),
         ({"devices": "0"}, "'devices' has invalid value '0': it must be 'auto' or a whole number of 1 or more."),
         ({"epochs": "NaN"}, "'epochs' has invalid value 'NaN': it must be a whole number."),
+        ({"seed": "-1"}, "'seed' has invalid value '-1': it must be at least 0."),
+        ({"seed": str(2**32)}, "'seed' has invalid value '4294967296': it must be at most 4294967295."),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(raw, expected):
@@ -112,3 +114,19 @@ def test_readme_documents_every_key():
     readme = (REPO / "README.md").read_text()
     for name in SPECS:
         assert f"| `{name}` |" in readme, name
+
+
+def test_seed_takes_numpys_whole_range():
+    assert parse_hyperparameters({"seed": "0"}).seed == 0
+    assert parse_hyperparameters({"seed": str(2**32 - 1)}).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("key", ["backbone", "img_size", "optimizer", "model_type", "learning_ra" + "x" * 99_989])
+def test_a_huge_value_gives_a_short_reason_with_its_advice(key):
+    from sm_effdet.errors import FAILURE_REASON_LIMIT
+
+    with pytest.raises(UserInputError) as info:
+        parse_hyperparameters({key: "v" * 100_000})
+    message = str(info.value)
+    assert len(message) < 600 and "(100000 characters)" in message
+    assert message.endswith(".") and len(message) < FAILURE_REASON_LIMIT

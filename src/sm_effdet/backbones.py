@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from .errors import UserInputError
+from .errors import UserInputError, shorten
 
 # Short name -> effdet model name. Icevision 0.12 offers all of these but tf_lite3x and
 # tf_lite4, which effdet 0.4 added; they are built through the same Icevision config class.
@@ -50,7 +50,7 @@ def short_backbone_name(value: str) -> str:
     close = difflib.get_close_matches(name, BACKBONES, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UserInputError(
-        f"hyperparameter 'backbone' has unknown value '{value}'; {hint}"
+        f"hyperparameter 'backbone' has unknown value '{shorten(value)}'; {hint}"
         f"use one of {', '.join(BACKBONES)} (or the dotted form "
         "models.ross.efficientdet.backbones.<name>)."
     )
@@ -59,7 +59,7 @@ def short_backbone_name(value: str) -> str:
 def check_model_type(value: str) -> str:
     if value.strip() not in MODEL_TYPES:
         raise UserInputError(
-            f"hyperparameter 'model_type' has unsupported value '{value}'; this container trains "
+            f"hyperparameter 'model_type' has unsupported value '{shorten(value)}'; this container trains "
             "EfficientDet only: use 'models.ross.efficientdet' or leave model_type out."
         )
     return "models.ross.efficientdet"

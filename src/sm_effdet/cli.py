@@ -9,8 +9,8 @@ import traceback
 import warnings
 
 from .artifacts import remove_partial_model
-from .environment import paths_from_env, read_environment
 from . import stops
+from .environment import check_writable, paths_from_env, read_environment
 from .errors import JobError, JobStopped, failure_reason, write_failure
 from .hyperparameters import parse_hyperparameters
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         stops.start_up("reading the configuration")
         env = read_environment(paths)
         hp = parse_hyperparameters(env.hyperparameters)
+        check_writable(env.paths, env.checkpoint_dir)
         from .job import run_job  # torch, Lightning and Icevision load only past these checks
 
         run_job(env, hp)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import stops
-from .errors import UserInputError
+from .errors import UserInputError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class DataReport:
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     sources: list[str] = field(default_factory=list)
     split: dict[str, Any] = field(default_factory=dict)
+    channels: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, reason: str, example: str | None = None, n: int = 1) -> None:
         if n:
@@ -64,10 +66,21 @@ class DataReport:
         if example is not None and len(self.examples[reason]) < EXAMPLES_PER_REASON:
             self.examples[reason].append(example)
 
+    def add_channel(self, name: str, channel: DataReport) -> None:
+        """Fold one channel's report in: its counts join the totals and stay apart under
+        `channels`, so that training and validation can be told apart."""
+        self.channels[name] = dict(sorted(channel.counts.items()))
+        self.counts.update(channel.counts)
+        for reason, examples in channel.examples.items():
+            for example in examples:
+                self.add(reason, example if name == "training" else f"{name}: {example}", n=0)
+        self.sources.extend(channel.sources)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "sources": self.sources,
             "counts": dict(sorted(self.counts.items())),
+            "channels": self.channels,
             "examples": {k: v for k, v in sorted(self.examples.items()) if v},
             "split": self.split,
         }
@@ -75,7 +88,8 @@ class DataReport:
     def summary(self) -> str:
         problems = {
             k: v for k, v in sorted(self.counts.items())
-            if k.startswith(("image_skipped", "box_dropped", "box_clipped", "crowd", "split"))
+            if k.startswith(("image_skipped", "image_truncated", "box_dropped", "box_clipped", "crowd",
+                             "split", "category"))
         }
         listed = (
             f"{self.counts['images_listed']} images and {self.counts['boxes_listed']} boxes listed"
@@ -93,18 +107,25 @@ class DataReport:
 @dataclass
 class CocoData:
     annotation_file: Path
-    categories: list[Category]
+    categories: list[Category]  # the classes trained: the file's own, or training's
     images: list[ImageRecord]
+    file_categories: list[Category] = field(default_factory=list)  # as the file lists them
 
 
-def find_annotation_file(channel: Path, annotations_file: str | None, exclude: Iterable[str] = ()) -> Path:
-    """The COCO JSON of a channel: the one named, else the only .json at the root or in annotations/."""
+def find_annotation_file(
+    channel: Path, annotations_file: str | None, exclude: Iterable[str] = (), nameable: bool = True
+) -> Path:
+    """The COCO JSON of a channel: the one named, else the only .json at the root or in annotations/.
+
+    `nameable`: whether the annotations_file hyperparameter can name it (the training channel
+    only); the advice differs.
+    """
     if annotations_file:
         path = safe_join(channel, annotations_file)
-        if path is None or not path.is_file():
+        if path is None or not _exists(path):
             raise UserInputError(
-                f"annotations_file '{annotations_file}' was not found in {channel}; give a path "
-                "relative to the channel's root."
+                f"annotations_file '{shorten(annotations_file)}' was not found in {channel}; "
+                "give a path relative to the channel's root."
             )
         return path
     excluded = {(channel / e).resolve() for e in exclude}
@@ -118,16 +139,64 @@ def find_annotation_file(channel: Path, annotations_file: str | None, exclude: I
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
+        where = f"no COCO annotation file (.json) found at the root of {channel} nor in its {ANNOTATIONS_FOLDER}/ folder"
+        if nameable:
+            raise UserInputError(f"{where}; add one or name it with the annotations_file hyperparameter.")
+        raise UserInputError(f"{where}; add the channel's COCO JSON there.")
+    names = shorten(", ".join(str(p.relative_to(channel)) for p in candidates), 200)
+    if nameable:
         raise UserInputError(
-            f"no COCO annotation file (.json) found at the root of {channel} nor in its "
-            f"{ANNOTATIONS_FOLDER}/ folder; add one or name it with the annotations_file "
-            "hyperparameter."
+            f"several JSON files in {channel} ({names}); name the COCO annotations with the "
+            "annotations_file hyperparameter."
         )
-    names = ", ".join(str(p.relative_to(channel)) for p in candidates)
     raise UserInputError(
-        f"several JSON files in {channel} ({names}); name the COCO annotations with the "
-        "annotations_file hyperparameter."
+        f"several JSON files in {channel} ({names}); leave only the channel's COCO annotations "
+        f"there (at its root or in {ANNOTATIONS_FOLDER}/)."
     )
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything is at `path`; a name the OS refuses (too long, a NUL) is nothing."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _check_image_path(path: Path, real_root: str, real_dirs: dict[str, str]) -> str | None:
+    """Why the image at `path` cannot be used, as a report reason, or None when it can.
+
+    One lstat per image, as a plain existence check costs: a symlink is followed and must end
+    inside the channel (like a '../', which safe_join refuses by its text); the folders on the
+    way are resolved once each, a few per channel, to catch a linked folder.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "image_skipped_missing_file"
+    except (OSError, ValueError):  # a name the OS refuses: a component too long, a NUL byte
+        return "image_skipped_invalid_file_name"
+    parent, name = os.path.split(path)
+    if stat.S_ISLNK(mode):
+        real = os.path.realpath(path)
+        if not os.path.isfile(real):
+            return "image_skipped_missing_file"
+    else:
+        if not stat.S_ISREG(mode):
+            return "image_skipped_missing_file"
+        if parent not in real_dirs:
+            real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_dirs[parent], name)
+    if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return "image_skipped_unsafe_file_name"
+    return None
 
 
 def safe_join(root: Path, relative: str) -> Path | None:
@@ -142,6 +211,12 @@ def safe_join(root: Path, relative: str) -> Path | None:
 
 def read_json_file(path: Path, what: str) -> Any:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            # A FIFO or a device would block the job forever on open.
+            raise UserInputError(
+                f"{what} {path} is not a regular file (a pipe, device or folder); replace it "
+                "with the JSON file itself."
+            )
         with open(path, "rb") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
@@ -151,6 +226,14 @@ def read_json_file(path: Path, what: str) -> Any:
         ) from None
     except UnicodeDecodeError:
         raise UserInputError(f"{what} {path} is not UTF-8 text; save it as UTF-8 JSON.") from None
+    except RecursionError:
+        raise UserInputError(
+            f"{what} {path} is nested too deeply to be read; give it the flat COCO layout."
+        ) from None
+    except OSError as exc:
+        raise UserInputError(
+            f"{what} {path} cannot be read ({exc.strerror or exc}); make it a readable file."
+        ) from None
 
 
 def _require_list(coco: dict, key: str, path: Path) -> list:
@@ -163,20 +246,60 @@ def _require_list(coco: dict, key: str, path: Path) -> list:
     return value
 
 
-def read_categories(coco: dict, path: Path) -> list[Category]:
+def is_valid_id(value: Any) -> bool:
+    """COCO ids are numbers; text ids occur in converted datasets. Nothing else is an id."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def read_categories(coco: dict, path: Path, report: DataReport | None = None) -> list[Category]:
+    """The categories of a COCO file; a malformed one is skipped and counted (its boxes are
+    then dropped as of an unknown category), two with one id fail, two with one name warn."""
+    report = report if report is not None else DataReport()
     categories: dict[Any, Category] = {}
     for entry in _require_list(coco, "categories", path):
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise UserInputError(f"COCO file {path} has a category without an 'id': {entry!r:.80}.")
+        if not isinstance(entry, dict) or not is_valid_id(entry.get("id")):
+            report.add("category_skipped_malformed", shorten(entry))
+            continue
         if entry["id"] in categories:
             raise UserInputError(
-                f"COCO file {path} lists category id {entry['id']!r} twice; give every category "
-                "its own id."
+                f"COCO file {path} lists category id {shorten(entry['id'])} twice; give every "
+                "category its own id."
             )
         categories[entry["id"]] = Category(entry["id"], str(entry.get("name", entry["id"])))
     if not categories:
-        raise UserInputError(f"COCO file {path} has no categories; add the object classes.")
+        raise UserInputError(f"COCO file {path} has no usable categories; add the object classes.")
+    names = Counter(c.name for c in categories.values())
+    for name, n in names.items():
+        if n > 1:
+            ids = [c.id for c in categories.values() if c.name == name]
+            report.add("category_duplicate_name", f"{shorten(name)}: ids {shorten(ids)}")
+            log.warning(
+                "%s: category name %r is used by %d ids (%s); they are trained as different "
+                "classes", path, shorten(name), n, shorten(ids),
+            )
     return sorted(categories.values(), key=lambda c: (str(type(c.id)), c.id))
+
+
+def describe_categories(categories: list[Category], limit: int = 200) -> str:
+    return shorten(", ".join(f"{c.id}: {c.name}" for c in categories), limit)
+
+
+def check_same_categories(
+    train: list[Category], train_file: Path, val: list[Category], val_file: Path
+) -> None:
+    """Validation boxes are scored by category id: every validation category must be one of
+    training's, with the same id and name, or the scores are against the wrong classes."""
+    train_names = {c.id: c.name for c in train}
+    wrong = [c for c in val if train_names.get(c.id) != c.name]
+    if not wrong:
+        return
+    raise UserInputError(
+        f"the validation channel's categories in {val_file} do not match the training "
+        f"channel's in {train_file} (by id and name): validation has "
+        f"{describe_categories(wrong)} where training has {describe_categories(train)}; give "
+        "the validation JSON the same categories, with the same ids and names, as the "
+        "training JSON."
+    )
 
 
 def _image_root(channel: Path, annotation_file: Path, file_names: list[str]) -> Path:
@@ -185,14 +308,21 @@ def _image_root(channel: Path, annotation_file: Path, file_names: list[str]) -> 
     bases = [channel, channel / "images", annotation_file.parent]
     sample = [n for n in file_names[:20] if safe_join(channel, n) is not None]
     for base in bases:
-        if any((base / n).is_file() for n in sample):
+        if any(_is_file(base / n) for n in sample):
             return base
     return channel
 
 
+def _is_size(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value) and 1 <= value <= MAX_IMAGE_PIXELS
+    )
+
+
 def _image_size(entry: dict, path: Path, report: DataReport) -> tuple[int, int] | None:
     width, height = entry.get("width"), entry.get("height")
-    if isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0:
+    if _is_size(width) and _is_size(height):
         return int(width), int(height)
     # Only images whose JSON entry lacks a size are opened, and only their header is read.
     from PIL import Image
@@ -217,7 +347,7 @@ def load_coco(
     if not isinstance(coco, dict):
         raise UserInputError(f"COCO file {annotation_file} must hold a JSON object.")
     report.sources.append(str(annotation_file))
-    file_categories = read_categories(coco, annotation_file)
+    file_categories = read_categories(coco, annotation_file, report)
     categories = categories or file_categories
     label_of = {c.id: i + 1 for i, c in enumerate(categories)}
 
@@ -232,8 +362,8 @@ def load_coco(
     entries: dict[Any, dict] = {}
     for entry in image_entries:
         image_id = entry.get("id") if isinstance(entry, dict) else None
-        if image_id is None:
-            report.add("image_skipped_malformed_entry", repr(entry)[:80])
+        if not is_valid_id(image_id):
+            report.add("image_skipped_malformed_entry", shorten(entry))
             continue
         if image_id in entries:
             report.add("image_skipped_duplicate_id", str(image_id))
@@ -243,16 +373,18 @@ def load_coco(
 
     sizes: dict[Any, tuple[int, int]] = {}
     paths: dict[Any, Path] = {}
+    real_channel, real_dirs = os.path.realpath(channel), {}
     for image_id, entry in entries.items():
         if entry is None:
             continue
         file_name = entry.get("file_name")
         path = safe_join(root, file_name)
         if path is None:
-            report.add("image_skipped_unsafe_file_name", str(file_name))
+            report.add("image_skipped_unsafe_file_name", shorten(file_name))
             continue
-        if not path.is_file():
-            report.add("image_skipped_missing_file", str(file_name))
+        problem = _check_image_path(path, real_channel, real_dirs)
+        if problem:
+            report.add(problem, shorten(file_name))
             continue
         size = _image_size(entry, path, report)
         if size is None:
@@ -272,7 +404,7 @@ def load_coco(
     report.add("images_without_boxes_kept_as_negatives", n=sum(1 for r in records if not len(r.labels)))
     report.add("images_used", n=len(records))
     report.add("boxes_used", n=sum(len(r.labels) for r in records))
-    return CocoData(annotation_file, categories, records)
+    return CocoData(annotation_file, categories, records, file_categories)
 
 
 _NO_BOXES = np.zeros((0, 4), np.float32)
@@ -284,6 +416,22 @@ def _lookup(table: dict, keys: list, default: Any) -> list:
         return [table.get(k, default) for k in keys]
     except TypeError:  # an unhashable id (a list, say): it matches nothing
         return [table.get(k, default) if isinstance(k, Hashable) else default for k in keys]
+
+
+# What COCO writers put in iscrowd: 0/1, booleans, and the same as text from some converters.
+_CROWD_VALUES = {0: False, 1: True, "0": False, "1": True, "false": False, "true": True}
+
+
+def _crowd_flag(value: Any) -> bool | None:
+    """iscrowd as a flag; None when it is none of the accepted forms (the box is dropped as
+    malformed: guessing could turn every box into an ignored crowd region)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, (int, str)):
+        return _CROWD_VALUES.get(value.strip().lower() if isinstance(value, str) else value)
+    if isinstance(value, float) and value in (0.0, 1.0):
+        return value == 1.0
+    return None
 
 
 def _box_or_nan(bbox: Any) -> tuple[float, ...]:
@@ -316,7 +464,9 @@ def _attach_boxes(
     image_ids = [a.get("image_id") for a in dicts]
     category_ids = [a.get("category_id") for a in dicts]
     bbox_rows = [a.get("bbox") for a in dicts]
-    crowd = np.fromiter((bool(a.get("iscrowd")) for a in dicts), bool, n)
+    crowd_flags = [_crowd_flag(a.get("iscrowd", 0)) for a in dicts]
+    crowd = np.fromiter((c is True for c in crowd_flags), bool, n)
+    bad_crowd = np.fromiter((c is None for c in crowd_flags), bool, n)
 
     duplicate = np.zeros(n, bool)
     named = [(k, i) for k, i in enumerate(ann_ids) if i is not None and is_dict[k]]
@@ -372,6 +522,7 @@ def _attach_boxes(
     drop(labels == 0, "box_dropped_unknown_category",
          lambda k: f"annotation {ann_ids[k]} -> category {category_ids[k]}")
     drop(~finite, "box_dropped_malformed", box_text)
+    drop(bad_crowd, "box_dropped_malformed", lambda k: f"annotation {ann_ids[k]}: iscrowd {shorten(repr(dicts[k].get('iscrowd')), 40)}")
     drop(empty, "box_dropped_zero_or_negative_size", box_text)
     drop(outside, "box_dropped_outside_image", box_text)
     drop(clipped, "box_clipped_to_image", box_text, keep=True)
@@ -405,6 +556,34 @@ def check_num_classes(num_classes: int | None, categories: list[Category]) -> No
     )
 
 
+def _split_ids(split: dict, key: str, split_file: Path) -> list:
+    ids = split[key]
+    if not isinstance(ids, list) or not all(is_valid_id(i) for i in ids):
+        raise UserInputError(
+            f"'{key}' in split file {split_file} must be a flat list of image ids (the COCO "
+            f"images' 'id' values, such as [1, 2, 3]), not {shorten(json.dumps(ids))}."
+        )
+    return ids
+
+
+def _check_split_matches(split_ids: set, image_ids: set, split_file: Path) -> None:
+    """No split id names a usable image: say how the ids differ, rather than leave the job
+    to fail later on an empty training set."""
+    if not split_ids or split_ids & image_ids:
+        return
+    kinds = {type(i) for i in image_ids}
+    text_for_numbers = int in kinds and all(isinstance(i, str) for i in split_ids)
+    hint = (
+        " (the split file has them as text, such as \"1\"; the images' ids are numbers: write "
+        "them without quotes)" if text_for_numbers else ""
+    )
+    raise UserInputError(
+        f"none of the ids in split file {split_file} ({shorten(sorted(map(str, split_ids))[:5])}) "
+        f"is the 'id' of a usable image (such as {shorten(sorted(image_ids, key=str)[:5])}){hint}; "
+        "list the images' 'id' values from the COCO file, not their file names."
+    )
+
+
 def split_records(
     records: list[ImageRecord],
     *,
@@ -421,11 +600,22 @@ def split_records(
             raise UserInputError(
                 f"split file {split_file} must hold {{\"train\": [image ids], \"val\": [image ids]}}."
             )
-        train_ids, val_ids = set(split["train"]), set(split[val_key])
+        train_list, val_list = (_split_ids(split, key, split_file) for key in ("train", val_key))
+        train_ids, val_ids = set(train_list), set(val_list)
         known = {r.image_id for r in records}
+        _check_split_matches(train_ids | val_ids, known, split_file)
         unknown = (train_ids | val_ids) - known
         if unknown:
-            report.add("split_ids_not_usable", str(sorted(map(str, unknown))[:5]), n=len(unknown))
+            report.add("split_ids_not_usable", shorten(sorted(map(str, unknown))[:5]), n=len(unknown))
+        both = train_ids & val_ids & known
+        if both:
+            # Kept for training only; validating on trained images would flatter the scores.
+            report.add("split_ids_in_both_lists", shorten(sorted(map(str, both))[:5]), n=len(both))
+            log.warning(
+                "split file %s lists %d image ids under both 'train' and '%s' (%s); they are "
+                "used for training only", split_file, len(both), val_key,
+                shorten(sorted(map(str, both))[:5]),
+            )
         train = [r for r in records if r.image_id in train_ids]
         val = [r for r in records if r.image_id in val_ids and r.image_id not in train_ids]
         unused = len(records) - len(train) - len(val)

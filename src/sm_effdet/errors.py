@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,42 @@ class UserInputError(JobError):
     exit_code = 2
 
 
+def shorten(value: Any, limit: int = 80) -> str:
+    """`value` as text, cut in the middle when longer than `limit`, so that a quoted value
+    cannot push a message's advice out of the 1024 characters SageMaker shows."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    marker = f"...({len(text)} characters)..."
+    keep = max(limit - len(marker), 2)
+    return text[: keep - keep // 2] + marker + text[len(text) - keep // 2 :]
+
+
+def bounded_reason(reason: str, limit: int = FAILURE_REASON_LIMIT) -> str:
+    """The reason within `limit` characters: a too-long one loses its middle, never its start
+    (what went wrong) nor its end (what to do)."""
+    reason = reason.strip()
+    if len(reason) <= limit:
+        return reason
+    marker = " [...] "
+    head = (limit - len(marker)) * 2 // 3
+    tail = limit - len(marker) - head
+    return reason[:head] + marker + reason[len(reason) - tail :]
+
+
 def write_failure(path: Path, reason: str) -> None:
     """Write the failure file, the reason first; the first process of a node to fail wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return
+    except OSError as exc:
+        # An output/ the job cannot write: the reason still reaches the log.
+        print(f"cannot write the failure file {path}: {exc}", file=sys.stderr)
+        return
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(reason.strip() + "\n")
+        f.write(bounded_reason(reason) + "\n")
 
 
 def failure_reason(exc: BaseException, hp: Any = None) -> tuple[str, int]:

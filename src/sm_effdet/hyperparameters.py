@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .backbones import check_model_type, short_backbone_name
-from .errors import UserInputError
+from .errors import UserInputError, shorten
 
 PLATFORM_KEY_PREFIX = "sagemaker_"
 PLATFORM_KEYS = frozenset({"_tuning_objective_metric"})
@@ -196,7 +196,10 @@ class Hyperparameters:
     warmup_epochs: float = _spec(
         1.0, _as_float, "epochs of linear learning-rate warmup (fractions allowed)", _between(0)
     )
-    seed: int = _spec(42, _as_int, "random seed for the split, the weights and augmentation")
+    seed: int = _spec(
+        42, _as_int, "random seed for the split, the weights and augmentation",
+        _between(0, 2**32 - 1),  # numpy's seed range, which Lightning seeds
+    )
     num_workers: int | str = _spec(
         "auto", _auto_or_count(0), "data loader processes per GPU; auto uses every CPU"
     )
@@ -263,7 +266,7 @@ def _coerce(name: str, raw: Any) -> Any:
     except _Invalid as exc:
         shown = raw if isinstance(raw, str) else json.dumps(raw)
         raise UserInputError(
-            f"hyperparameter '{name}' has invalid value '{shown}': it must be {exc}."
+            f"hyperparameter '{name}' has invalid value '{shorten(shown)}': it must be {exc}."
         ) from None
     return value
 
@@ -277,7 +280,7 @@ def parse_hyperparameters(raw: Mapping[str, Any]) -> Hyperparameters:
         if name not in SPECS:
             close = difflib.get_close_matches(name, SPECS, n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else "see hyperparameters.example.json."
-            raise UserInputError(f"unknown hyperparameter '{name}'; {hint}")
+            raise UserInputError(f"unknown hyperparameter '{shorten(name)}'; {hint}")
         values[name] = _coerce(name, value)
     return Hyperparameters(**values)
 

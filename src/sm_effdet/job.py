@@ -56,7 +56,9 @@ def prepare_data(
             )
     excluded = [hp.split_file] if hp.split_file else []
     annotation_file = coco.find_annotation_file(channel, hp.annotations_file, excluded)
-    train_data = coco.load_coco(channel, annotation_file, report)
+    train_report = DataReport()
+    train_data = coco.load_coco(channel, annotation_file, train_report)
+    report.add_channel(TRAINING_CHANNEL, train_report)
     coco.check_num_classes(hp.num_classes, train_data.categories)
 
     val_channel = env.channel(VALIDATION_CHANNEL)
@@ -64,11 +66,17 @@ def prepare_data(
         train, val = coco.split_records(
             train_data.images, split_file=split_path, val_fraction=0, seed=hp.seed, report=report
         )
+        val_source = f"split file {split_path}"
     elif val_channel is not None:
-        val_file = coco.find_annotation_file(val_channel, None)
-        val_data = coco.load_coco(val_channel, val_file, report, categories=train_data.categories)
+        val_file = coco.find_annotation_file(val_channel, None, nameable=False)
+        val_report = DataReport()
+        val_data = coco.load_coco(val_channel, val_file, val_report, categories=train_data.categories)
+        report.add_channel(VALIDATION_CHANNEL, val_report)
+        coco.check_same_categories(train_data.categories, annotation_file,
+                                   val_data.file_categories, val_file)
         train, val = train_data.images, val_data.images
         report.split = {"how": "validation channel", "train": len(train), "val": len(val)}
+        val_source = f"validation channel's {val_file}"
     else:
         train, val = coco.split_records(
             train_data.images, split_file=None, val_fraction=hp.val_fraction, seed=hp.seed,
@@ -83,8 +91,9 @@ def prepare_data(
         )
     if (split_path is not None or val_channel is not None) and not val:
         raise UserInputError(
-            "the validation set is empty (" + report.split["how"] + "); give validation images "
-            "or remove the split file / validation channel to split at random."
+            f"the validation set from the {val_source} is empty (see output/data/{REPORT_FILE}: "
+            f"{report.summary()}); give it usable images, or remove the split file or the "
+            "validation channel to hold out val_fraction of the training images at random."
         )
     return train_data.categories, train, val
 

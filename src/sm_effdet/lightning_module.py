@@ -38,6 +38,7 @@ class EfficientDetModule(L.LightningModule):
         self.val_gt = val_gt
         self.report = report
         self._skipped_names: set[str] = set()
+        self._truncated_names: set[str] = set()
         self._first_step_logged = False
         self._results: dict[int, list[list[float]]] = {}
         self.images_seen = 0
@@ -71,6 +72,11 @@ class EfficientDetModule(L.LightningModule):
             if file_name not in self._skipped_names:  # once per image, not once per epoch
                 self._skipped_names.add(file_name)
                 self.report.add("image_skipped_at_load", reason)
+        for file_name in batch.get("truncated", ()):
+            if file_name not in self._truncated_names:
+                self._truncated_names.add(file_name)
+                self.report.add("image_truncated_but_used", file_name)
+                log.warning("%s is cut short; its missing bottom rows are used as grey", file_name)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         stops.pause_for_test("training")
