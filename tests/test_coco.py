@@ -288,7 +288,7 @@ def test_validation_with_fewer_categories_and_the_report_per_channel(tmp_path):
 
     paths = _two_channel_tree(tmp_path, drop_triangles)
     report = DataReport()
-    _, train, val = prepare_data(read_environment(paths), parse_hyperparameters({}), report)
+    prepare_data(read_environment(paths), parse_hyperparameters({}), report)
     channels = report.to_dict()["channels"]
     assert channels["training"]["images_used"] == 10 and channels["validation"]["images_used"] == 3
     assert channels["validation"]["image_skipped_missing_file"] == 1
