@@ -232,7 +232,8 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     from sm_effdet.data import DetectionDataset, make_loader
     from sm_effdet.job import resolve_num_workers
     from sm_effdet.model import build_model
-    from sm_effdet.transforms import MEAN, STD, train_transform
+    from sm_effdet.preprocessing import backbone_normalization, normalize
+    from sm_effdet.transforms import train_transform
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = jpeg_set(work / "e2e", 640, 480, batch * (steps + 2) * 2)  # a third is dropped
@@ -243,8 +244,7 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     )
     bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None).to(device).train()
     optimizer = torch.optim.AdamW(bench.parameters(), lr=1e-4)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    norm = backbone_normalization("tf_efficientdet_lite0")
 
     def to_device(batch_: dict) -> tuple:
         targets = {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
@@ -252,7 +252,7 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
         return batch_["images"].to(device, non_blocking=True), targets
 
     def step(images, targets) -> None:
-        loss = bench((images.float() - mean) / std, targets)["loss"]
+        loss = bench(normalize(images, norm["mean"], norm["std"]), targets)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

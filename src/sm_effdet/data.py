@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from . import preprocessing
 from .coco import MAX_IMAGE_PIXELS, ImageRecord
 
 log = logging.getLogger(__name__)
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-EXIF_ORIENTATION = 0x0112
 
 
 class ImageLoadError(Exception):
     pass
-
-
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float greyscale: scale to 8 bits rather than let convert() saturate.
-        array = np.asarray(img, dtype=np.float32)
-        top = float(array.max()) if array.size else 0.0
-        if top > 255:
-            array = array * (255.0 / (65535.0 if top <= 65535 else top))
-        array = np.clip(array, 0, 255).astype(np.uint8)
-        return np.repeat(array[:, :, None], 3, axis=2)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def _same_size(size: tuple[int, int], expected: tuple[int, int], reduce: float) -> bool:
@@ -46,41 +30,24 @@ def _same_size(size: tuple[int, int], expected: tuple[int, int], reduce: float) 
 def load_image(record: ImageRecord, target: int | None = None) -> tuple[np.ndarray, float]:
     """Read an image as RGB uint8 HxWx3, upright, checked against its JSON size.
 
-    Returns the pixels and their scale against the JSON's coordinates. A JPEG at least twice as
-    large as `target` is decoded by libjpeg at a reduced scale (1/2, 1/4 or 1/8, still at least
-    `target` on its longest side): much less work than a full decode followed by a resize.
+    Returns the pixels and their scale against the JSON's coordinates. Decoding is
+    preprocessing's (the server's and inference.py's): a JPEG at least twice as large as
+    `target` is decoded by libjpeg at a reduced scale.
 
     A JPEG with an EXIF orientation is turned upright when that makes it match the JSON's width
     and height (the annotator saw it upright); when the stored pixels match instead, the
     annotator saw those, and they are used as they are, so that the boxes stay right.
     """
-    too_many = f"{record.file_name} has more pixels than the limit of {MAX_IMAGE_PIXELS}"
     expected = (record.width, record.height)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns from its limit and refuses from twice that; ours is checked below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(record.path) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError(f"{too_many} ({img.width}x{img.height})")
-                reduce = 1.0
-                longest = max(img.size)
-                if target and img.format == "JPEG" and longest >= 2 * target:
-                    ratio = target / longest
-                    full_width = img.width
-                    img.draft(img.mode, (math.ceil(img.width * ratio), math.ceil(img.height * ratio)))
-                    reduce = full_width / img.width
-                img.load()
-                # exif_transpose copies the image even when there is nothing to turn.
-                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-                upright = img if orientation == 1 else ImageOps.exif_transpose(img)
-                if not _same_size(upright.size, expected, reduce) and _same_size(img.size, expected, reduce):
-                    upright = img
-                array = _to_rgb_array(upright)
-    except ImageLoadError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(too_many) from exc
+        with preprocessing.open_image(record.path, MAX_IMAGE_PIXELS) as img:
+            reduce = preprocessing.draft_and_load(img, target)
+            upright = preprocessing.upright(img)
+            if not _same_size(upright.size, expected, reduce) and _same_size(img.size, expected, reduce):
+                upright = img
+            array = preprocessing.to_rgb_array(upright)
+    except preprocessing.ImageDecodeError as exc:
+        raise ImageLoadError(str(exc).replace("the image", record.file_name, 1)) from exc
     except Exception as exc:
         raise ImageLoadError(f"cannot read {record.file_name}: {type(exc).__name__}: {exc}") from exc
     height, width = array.shape[:2]
@@ -124,7 +91,7 @@ class DetectionDataset(Dataset):
         image = out["image"]
         img_size = max(image.shape[:2])
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": preprocessing.to_chw_tensor(image),
             # effdet takes boxes as y1 x1 y2 x2
             "bbox": torch.from_numpy(boxes[:, [1, 0, 3, 2]]),
             "cls": torch.from_numpy(labels).float(),

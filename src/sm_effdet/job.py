@@ -9,12 +9,11 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
-from importlib import metadata as importlib_metadata
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, coco
+from . import artifacts, coco, model_card
 from .artifacts import remove_partial_model
 from .backbones import BACKBONES
 from .coco import DataReport, ImageRecord
@@ -28,7 +27,7 @@ from .environment import (
 )
 from .errors import JobStopped, UserInputError, failure_reason, write_failure
 from .hyperparameters import Hyperparameters
-from .transforms import MEAN, STD
+from .preprocessing import backbone_normalization
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +192,15 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             )
             fit_meta.update(train_ids=resumed["train_ids"], val_ids=resumed["val_ids"])
 
+    fill = backbone_normalization(BACKBONES[hp.backbone])["fill"]
     train_loader = make_loader(
-        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment), hp.img_size),
+        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment, fill), hp.img_size),
         hp.batch_size, workers, shuffle=True, pin_memory=pin,
     )
     val_loader = None
     if val_records:
         val_loader = make_loader(
-            DetectionDataset(val_records, eval_transform(hp.img_size), hp.img_size),
+            DetectionDataset(val_records, eval_transform(hp.img_size, fill), hp.img_size),
             hp.batch_size, workers, shuffle=False, pin_memory=pin,
         )
 
@@ -276,8 +276,9 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
         raise UserInputError("training finished without a completed epoch; check the log above.")
     if not is_writer:
         return []
-    metadata = model_metadata(
-        hp, categories, summary, report, time.monotonic() - started, layout.world_size
+    metadata = model_card.model_metadata(
+        hp, categories, summary, report, time.monotonic() - started, layout.world_size,
+        backbone_normalization(BACKBONES[hp.backbone]), BACKBONES[hp.backbone], artifacts.WEIGHTS_FILE,
     )
     written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
     log.info(
@@ -307,53 +308,3 @@ def stopped_error(trainer: Any, checkpoint: Path | None) -> JobStopped:
         f"{checkpoint.parent}: run the job again with the same checkpoint location to resume.",
         code,
     )
-
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("sm-effdet", "torch", "effdet", "icevision", "lightning", "timm"):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def model_metadata(
-    hp: Hyperparameters, categories: list[coco.Category], summary: Any, report: DataReport,
-    seconds: float, world_size: int,
-) -> dict[str, Any]:
-    return {
-        "format_version": 1,
-        "framework": "effdet",
-        "effdet_model_name": BACKBONES[hp.backbone],
-        "backbone": hp.backbone,
-        "img_size": hp.img_size,
-        "num_classes": len(categories),
-        "weights_file": artifacts.WEIGHTS_FILE,
-        "weights_of": "effdet.EfficientDet (bench.model); load with effdet.create_model("
-        "effdet_model_name, bench_task='predict', num_classes, image_size=(img_size, img_size))",
-        "classes": [
-            {"label": i + 1, "id": c.id, "name": c.name} for i, c in enumerate(categories)
-        ],
-        "normalization": {
-            "mean": list(MEAN),
-            "std": list(STD),
-            "input": "RGB scaled to [0, 1], then (x - mean) / std",
-        },
-        "preprocessing": "resize the longest side to img_size keeping the aspect ratio, then pad "
-        "bottom and right with zeros to img_size x img_size",
-        "output": "per image up to 100 rows [x1, y1, x2, y2, score, label] in the input image's "
-        "pixels when img_scale = max(width, height) / img_size is passed; label is "
-        "classes[].label",
-        "monitor": summary.monitor,
-        "best_epoch": summary.best_epoch,
-        "metrics": summary.best_metrics,
-        "history": summary.history,
-        "hyperparameters": hp.to_dict(),
-        "data": report.split,
-        "world_size": world_size,
-        "training_seconds": round(seconds, 1),
-        "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
