@@ -64,25 +64,31 @@ def preprocess(images: list[Any], card: dict[str, Any]) -> tuple[torch.Tensor, l
 
 
 @torch.no_grad()
-def predict_arrays(
-    model: torch.nn.Module, card: dict[str, Any], images: list[Any], sizes: list[tuple[int, int]],
-    score_threshold: float | None = None, max_detections: int = model_card.DEFAULT_MAX_DETECTIONS,
+def infer(
+    model: torch.nn.Module, card: dict[str, Any], batch: torch.Tensor, sizes: list[tuple[int, int]],
     autocast_dtype: torch.dtype | None = None,
-) -> list[list[dict[str, Any]]]:
-    """Detections per image for decoded RGB uint8 arrays whose full (width, height) are `sizes`."""
-    if score_threshold is None:
-        score_threshold = model_card.default_score_threshold(card)
+) -> list[Any]:
+    """uint8 NCHW at img_size -> effdet rows [x1, y1, x2, y2, score, label] per image, in pixels."""
     mean, std, _ = preprocessing.normalization_from_card(card)
-    batch, _ = preprocess(images, card)
     device = next(model.parameters()).device
     info = preprocessing.prediction_info(sizes, card["img_size"], device)
     inputs = preprocessing.normalize(batch.to(device), mean, std)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         rows = model(inputs, info)
-    rows = rows.float().cpu().numpy()
+    return list(rows.float().cpu().numpy())
+
+
+def predict_arrays(
+    model: torch.nn.Module, card: dict[str, Any], images: list[Any], sizes: list[tuple[int, int]],
+    score_threshold: float | None = None, max_detections: int = model_card.DEFAULT_MAX_DETECTIONS,
+) -> list[list[dict[str, Any]]]:
+    """Detections per image for decoded RGB uint8 arrays whose full (width, height) are `sizes`."""
+    if score_threshold is None:
+        score_threshold = model_card.default_score_threshold(card)
+    batch, _ = preprocess(images, card)
     return [
         preprocessing.detections_to_records(r, size, card["classes"], score_threshold, max_detections)
-        for r, size in zip(rows, sizes)
+        for r, size in zip(infer(model, card, batch, sizes), sizes)
     ]
 
 

@@ -141,7 +141,7 @@ def decode_image(
     except ImageDecodeError:
         raise
     except Exception as exc:
-        raise ImageDecodeError(f"the bytes are not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"the image cannot be decoded ({type(exc).__name__})") from exc
 
 
 def _decode_opened(img: Image.Image, target: int | None) -> tuple[np.ndarray, tuple[int, int]]:
