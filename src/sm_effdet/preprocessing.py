@@ -50,7 +50,10 @@ def backbone_normalization(effdet_model_name: str) -> dict[str, Any]:
     """
     from effdet import get_efficientdet_config
 
-    config = get_efficientdet_config(effdet_model_name)
+    try:
+        config = get_efficientdet_config(effdet_model_name)
+    except KeyError:  # effdet 0.4.1 lists no efficientdet_d6/d7/d7x: nothing names statistics
+        config = {}
     mean = tuple(float(v) for v in config.get("mean", IMAGENET_MEAN))
     std = tuple(float(v) for v in config.get("std", IMAGENET_STD))
     if os.environ.get(NORMALIZATION_OVERRIDE_ENV, "").strip().lower() == "imagenet":

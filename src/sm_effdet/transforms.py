@@ -55,7 +55,11 @@ class EvalTransform:
         self.fill = tuple(int(v) for v in fill)
 
     def __call__(self, image: np.ndarray, bboxes: Any, labels: Any) -> dict[str, Any]:
-        padded, scale = preprocessing.resize_and_pad(image, self.img_size, self.fill)
+        padded, _ = preprocessing.resize_and_pad(image, self.img_size, self.fill)
+        height, width = image.shape[:2]
+        new_height, new_width = preprocessing.resized_shape(height, width, self.img_size)
+        # Per axis, as albumentations scales the training boxes.
+        scale = np.array([new_width / width, new_height / height] * 2, np.float32)
         boxes = np.asarray(bboxes, np.float32).reshape(-1, 4) * scale
         labels = np.asarray(labels, np.int64)
         # As albumentations' min_area=1: boxes under one pixel after resizing are dropped.
