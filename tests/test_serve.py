@@ -313,3 +313,15 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(old_card_server, train
     response = result["response"]
     assert response.status_code == 200 and len(response.json()["predictions"]) == 24
     assert "stopped" in srv.log.read_text()
+
+
+def test_make_n_deploy_prints_the_three_calls_and_makes_none():
+    out = subprocess.run(
+        ["make", "-n", "deploy", "MODEL_DATA=s3://bucket/model.tar.gz", "ROLE=arn:aws:iam::1:role/r",
+         "IMAGE_URI=1.dkr.ecr.us-east-1.amazonaws.com/sm-effdet:t", "REGION=us-east-1", "DEPLOY_NAME=ep1"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    for call in ("aws sagemaker create-model", "aws sagemaker create-endpoint-config", "aws sagemaker create-endpoint "):
+        assert call in out.stdout
+    assert "s3://bucket/model.tar.gz" in out.stdout and "InstanceType=ml.m5.xlarge" in out.stdout
