@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1
 #
-# SageMaker "bring your own container" training image for sm-effdet.
+# SageMaker "bring your own container" training and hosting image for sm-effdet.
 #
 #   docker build --platform linux/amd64 -t sm-effdet .          (or: make build)
 #   docker run --rm --gpus all --shm-size 16g -v "$PWD/opt_ml:/opt/ml" sm-effdet train
+#   docker run --rm -p 8080:8080 -v "$PWD/opt_ml/model:/opt/ml/model" sm-effdet serve
 #
-# SageMaker starts it as `docker run <image> train`. `train` is this project's script in
+# SageMaker starts it as `docker run <image> train` (training) or `... serve` (endpoints and
+# Batch Transform; /opt/program/serve). `train` is this project's script in
 # /opt/program, first on PATH; the entry point below only decides about the CUDA
 # forward-compatibility libraries and then exec's `train`, so Python receives signals directly.
 #
@@ -24,7 +26,7 @@ FROM ${BASE_IMAGE}
 # A10G (sm_86, g5), L4/L40S (sm_89 runs sm_86 code: g6, g6e), H100/H200 (sm_90, p5, p5e),
 # B200 (sm_100, p6) and sm_120 (RTX PRO 6000 / RTX 50). No PTX, so no other architecture.
 LABEL org.opencontainers.image.title="sm-effdet" \
-      org.opencontainers.image.description="SageMaker training container: EfficientDet object detectors on COCO-format data" \
+      org.opencontainers.image.description="SageMaker training and hosting container: EfficientDet object detectors on COCO-format data" \
       sm-effdet.cuda.version="12.8" \
       sm-effdet.cuda.architectures="sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120" \
       sm-effdet.torch.version="2.10.0+cu128" \
@@ -74,8 +76,11 @@ WORKDIR /opt/program
 
 # Exec form, no shell and no tini. `docker run <image> train` replaces CMD; the entry point
 # exec's its arguments (and `train` when there are none).
+# SageMaker hosting and Batch Transform run `docker run <image> serve` the same way: the
+# server listens on 8080 (or SAGEMAKER_BIND_TO_PORT).
 ENTRYPOINT ["/usr/local/bin/sm-effdet-entrypoint"]
 CMD ["train"]
+EXPOSE 8080
 
 # The locked environment (about 7 GB, mostly CUDA libraries), in a layer that only changes with
 # pyproject.toml / uv.lock. Then, in the same layer:
@@ -101,4 +106,5 @@ RUN --mount=type=secret,id=ca_bundle \
 
 # The project itself: only these change from one source edit to the next.
 COPY --chmod=0755 train ./train
+COPY --chmod=0755 serve ./serve
 COPY src/ ./src/

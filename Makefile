@@ -25,7 +25,18 @@ DOCKER ?= docker
 # Optional certificate bundle of a TLS-inspecting proxy, given to the build as the `ca_bundle` secret.
 CA_BUNDLE ?=
 
-.PHONY: help install demo test bench build push local-train image-test lint
+# make deploy: a SageMaker endpoint from a training job's model.tar.gz.
+MODEL_DATA ?=
+ROLE ?=
+# Empty: REPOSITORY:TAG in ECR of the account and REGION (looked up by `deploy`).
+IMAGE_URI ?=
+INSTANCE_TYPE ?= ml.m5.xlarge
+INSTANCE_COUNT ?= 1
+DEPLOY_NAME ?= $(IMAGE)-$(TAG)-$(shell date -u +%Y%m%d-%H%M%S)
+# Extra container environment for serve, e.g. SERVE_ENV='"SERVE_SCORE_THRESHOLD":"0.5"'
+SERVE_ENV ?=
+
+.PHONY: help install demo test bench build push local-train image-test lint deploy
 
 help: ## List the targets
 	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
@@ -77,6 +88,27 @@ local-train: ## Run the image's train on the /opt/ml tree OPT_ML, on all GPUs wh
 		echo "  uv run --frozen python -m sm_effdet.demo --make-tree $(OPT_ML)" >&2; exit 1; }
 	gpus=""; if nvidia-smi >/dev/null 2>&1; then gpus="--gpus all"; fi; \
 	$(DOCKER) run --rm $$gpus --shm-size $(SHM_SIZE) -v "$(abspath $(OPT_ML)):/opt/ml" $(IMAGE):$(TAG) train
+
+deploy: ## SageMaker Model, EndpointConfig and Endpoint from MODEL_DATA=s3://... (ROLE, INSTANCE_TYPE, IMAGE_URI); make -n deploy prints the calls
+	@test -n "$(MODEL_DATA)" || { echo "Set MODEL_DATA=s3://.../model.tar.gz (a training job's output)" >&2; exit 1; }
+	@test -n "$(ROLE)" || { echo "Set ROLE=arn:aws:iam::ACCOUNT:role/... (an execution role that can read MODEL_DATA and pull the image)" >&2; exit 1; }
+	region="$(REGION)"; \
+	if [ -z "$$region" ]; then region="$$(aws configure get region || true)"; fi; \
+	if [ -z "$$region" ]; then echo "No region: set REGION or AWS_REGION" >&2; exit 1; fi; \
+	image_uri="$(IMAGE_URI)"; \
+	if [ -z "$$image_uri" ]; then \
+		account="$(ACCOUNT)"; \
+		if [ -z "$$account" ]; then account="$$(aws sts get-caller-identity --query Account --output text)"; fi; \
+		case "$$region" in cn-*) domain=amazonaws.com.cn ;; *) domain=amazonaws.com ;; esac; \
+		image_uri="$$account.dkr.ecr.$$region.$$domain/$(REPOSITORY):$(TAG)"; \
+	fi; \
+	aws sagemaker create-model --region "$$region" --model-name "$(DEPLOY_NAME)" \
+		--execution-role-arn "$(ROLE)" \
+		--primary-container "{\"Image\":\"$$image_uri\",\"ModelDataUrl\":\"$(MODEL_DATA)\",\"Environment\":{$(SERVE_ENV)}}"; \
+	aws sagemaker create-endpoint-config --region "$$region" --endpoint-config-name "$(DEPLOY_NAME)" \
+		--production-variants "VariantName=AllTraffic,ModelName=$(DEPLOY_NAME),InstanceType=$(INSTANCE_TYPE),InitialInstanceCount=$(INSTANCE_COUNT)"; \
+	aws sagemaker create-endpoint --region "$$region" --endpoint-name "$(DEPLOY_NAME)" --endpoint-config-name "$(DEPLOY_NAME)"; \
+	echo "Endpoint $(DEPLOY_NAME) is being created: aws sagemaker wait endpoint-in-service --region $$region --endpoint-name $(DEPLOY_NAME)"
 
 image-test: ## Build the image with buildah (no Docker engine) and check it end to end (as root)
 	bash scripts/image_test.sh

@@ -12,6 +12,11 @@ Not a pass/fail test: it prints figures.
    model alone on synthetic tensors already on the device.
 4. time from process start to the first training step of ./train, for the demo dataset and
    the COCO-scale JSON.
+5. serving on CPU: ./serve's images/s and p50/p99 latency at concurrency 1 and 8 (real HTTP
+   requests, 640x480 JPEGs) against a plain loop calling the model directly (inference.py's
+   decode + predict) in the same run; the server's RSS after 10 requests and after 1,000.
+
+`--sections 5` runs only the serving part; `--serve-requests`/`--rss-requests` shorten it.
 """
 
 from __future__ import annotations
@@ -232,7 +237,8 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     from sm_effdet.data import DetectionDataset, make_loader
     from sm_effdet.job import resolve_num_workers
     from sm_effdet.model import build_model
-    from sm_effdet.transforms import MEAN, STD, train_transform
+    from sm_effdet.preprocessing import backbone_normalization, normalize
+    from sm_effdet.transforms import train_transform
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = jpeg_set(work / "e2e", 640, 480, batch * (steps + 2) * 2)  # a third is dropped
@@ -243,8 +249,7 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     )
     bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None).to(device).train()
     optimizer = torch.optim.AdamW(bench.parameters(), lr=1e-4)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    norm = backbone_normalization("tf_efficientdet_lite0")
 
     def to_device(batch_: dict) -> tuple:
         targets = {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
@@ -252,7 +257,7 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
         return batch_["images"].to(device, non_blocking=True), targets
 
     def step(images, targets) -> None:
-        loss = bench((images.float() - mean) / std, targets)["loss"]
+        loss = bench(normalize(images, norm["mean"], norm["std"]), targets)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -299,6 +304,128 @@ def first_step(base: Path, label: str) -> str:
     return f"  {label}: first training step {seconds} s after the process started"
 
 
+def _percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
+    """./serve against the plain loop, both on the CPU with the same model and images."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    import torch
+
+    from sm_effdet import artifacts, inference
+    from sm_effdet.backbones import BACKBONES
+    from sm_effdet.model import build_model
+    from sm_effdet.preprocessing import backbone_normalization
+
+    img_size = 256
+    bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None)
+    card = {
+        "effdet_model_name": BACKBONES["tf_lite0"], "backbone": "tf_lite0", "img_size": img_size,
+        "num_classes": 3, "weights_file": artifacts.WEIGHTS_FILE,
+        "classes": [{"label": i + 1, "id": i + 1, "name": f"class{i + 1}"} for i in range(3)],
+        "normalization": backbone_normalization(BACKBONES["tf_lite0"]),
+    }
+    base = work / "serve-tree"
+    artifacts.write_model(base / "model", bench.model.state_dict(), card)
+    folder = jpeg_set(work / "serve-images", 640, 480, 16)
+    images = [p.read_bytes() for p in sorted(folder.glob("images/*.jpg"))]
+
+    # The plain loop: decode, preprocess, predict, one image at a time, all cores.
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, loaded = inference.load_model(base / "model")
+    inference.predict(model, loaded, images[0])
+    latencies = []
+    started = time.perf_counter()
+    for i in range(requests_per_run):
+        t = time.perf_counter()
+        inference.predict(model, loaded, images[i % len(images)])
+        latencies.append(time.perf_counter() - t)
+    loop_ips = requests_per_run / (time.perf_counter() - started)
+    lines = [f"  plain loop (model called directly): {loop_ips:6.1f} img/s, p50 "
+             f"{_percentile(latencies, 50) * 1000:.0f} ms, p99 {_percentile(latencies, 99) * 1000:.0f} ms"]
+    del model
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port),
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    log = (work / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, str(REPO / "serve")], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+
+        def post(session, i: int) -> float:
+            t = time.perf_counter()
+            r = session.post(url + "/invocations", data=images[i % len(images)],
+                             headers={"Content-Type": "image/jpeg"}, timeout=120)
+            r.raise_for_status()
+            return time.perf_counter() - t
+
+        for concurrency in (1, 8):
+            def client(n: int) -> list[float]:
+                session = requests.Session()
+                return [post(session, n + k * concurrency) for k in range(requests_per_run // concurrency)]
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                latencies = [t for ts in pool.map(client, range(concurrency)) for t in ts]
+            ips = len(latencies) / (time.perf_counter() - started)
+            lines.append(
+                f"  serve, concurrency {concurrency}: {ips:6.1f} img/s = {ips / loop_ips:.2f}x the plain loop, "
+                f"p50 {_percentile(latencies, 50) * 1000:.0f} ms, p99 {_percentile(latencies, 99) * 1000:.0f} ms"
+            )
+        session = requests.Session()
+        fresh = subprocess.Popen([sys.executable, str(REPO / "serve")], env={**env, "SAGEMAKER_BIND_TO_PORT": str(port + 1)},
+                                 stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        server.terminate()
+        server.wait(60)
+    # Memory on a fresh server: after 10 requests against after rss_requests.
+    url = f"http://127.0.0.1:{port + 1}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        for i in range(10):
+            post(session, i)
+        after_10 = _rss_mb(fresh.pid)
+        for i in range(10, rss_requests):
+            post(session, i)
+        after_n = _rss_mb(fresh.pid)
+        lines.append(f"  serve RSS: {after_10:.0f} MB after 10 requests, {after_n:.0f} MB after "
+                     f"{rss_requests} (+{after_n - after_10:.0f} MB)")
+    finally:
+        fresh.terminate()
+        fresh.wait(60)
+        log.close()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -307,6 +434,9 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which parts to run, e.g. 5")
+    parser.add_argument("--serve-requests", type=int, default=400)
+    parser.add_argument("--rss-requests", type=int, default=1000)
     args = parser.parse_args()
     if args.child:
         name, *rest = args.child
@@ -324,25 +454,33 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if gpu else 'no GPU'}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="sm-effdet-bench-") as tmp:
         work = Path(tmp)
-        print("1. start-up at COCO scale")
-        channel, lines = startup(work, args.images, args.boxes, args.icevision_images)
-        print("\n".join(lines), flush=True)
-        print("2. input pipeline, 512 px, batch 16, one process")
-        print("\n".join(input_pipeline(work, args.pipeline_images, 16)), flush=True)
-        print("3. end to end")
-        size, batch = (512, 16) if gpu else (256, 8)
-        print("\n".join(end_to_end(work, size, batch, args.steps)), flush=True)
-        print("4. process start to first training step (./train)")
-        from sm_effdet.demo import DEMO_HYPERPARAMETERS, make_tree
+        sections = {int(x) for x in args.sections.split(",")}
+        if sections & {1, 4}:
+            print("1. start-up at COCO scale")
+            channel, lines = startup(work, args.images, args.boxes, args.icevision_images)
+            print("\n".join(lines), flush=True)
+        if 2 in sections:
+            print("2. input pipeline, 512 px, batch 16, one process")
+            print("\n".join(input_pipeline(work, args.pipeline_images, 16)), flush=True)
+        if 3 in sections:
+            print("3. end to end")
+            size, batch = (512, 16) if gpu else (256, 8)
+            print("\n".join(end_to_end(work, size, batch, args.steps)), flush=True)
+        if 4 in sections:
+            print("4. process start to first training step (./train)")
+            from sm_effdet.demo import DEMO_HYPERPARAMETERS, make_tree
 
-        demo = make_tree(work / "demo-tree")
-        print(first_step(demo, "demo dataset (80 images)"), flush=True)
-        coco_base = channel.parents[2]
-        config = coco_base / "input" / "config"
-        config.mkdir(parents=True, exist_ok=True)
-        (config / "hyperparameters.json").write_text(json.dumps(
-            {**DEMO_HYPERPARAMETERS, "val_fraction": "0.01", "num_workers": "auto"}))
-        print(first_step(coco_base, f"COCO-scale JSON ({args.images} images)"), flush=True)
+            demo = make_tree(work / "demo-tree")
+            print(first_step(demo, "demo dataset (80 images)"), flush=True)
+            coco_base = channel.parents[2]
+            config = coco_base / "input" / "config"
+            config.mkdir(parents=True, exist_ok=True)
+            (config / "hyperparameters.json").write_text(json.dumps(
+                {**DEMO_HYPERPARAMETERS, "val_fraction": "0.01", "num_workers": "auto"}))
+            print(first_step(coco_base, f"COCO-scale JSON ({args.images} images)"), flush=True)
+        if 5 in sections:
+            print("5. serving on CPU, tf_lite0 at 256 px, 640x480 JPEGs")
+            print("\n".join(serving(work, args.serve_requests, args.rss_requests)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Image entry point: enables NVIDIA's CUDA forward-compatibility libraries when, and only when,
 # the host's driver is older than the CUDA the image was built for, then REPLACES itself with
-# the command (`exec "$@"`), so the job (for SageMaker: `train`, whose python then execs over the
+# the command (`exec "$@"`), so the job (for SageMaker: `train` or `serve`, whose python then execs over the
 # `/usr/bin/env` of its shebang) ends up with this process's PID: signals such as SageMaker's
 # SIGTERM reach Python directly, no shell stays in between.
 #

@@ -6,7 +6,9 @@
 #   (b) `<ENTRYPOINT> train` on a generated /opt/ml tree exits 0 and writes model/model.json;
 #   (c) a misspelt hyperparameter makes it exit non-zero with output/failure naming the key;
 #   (d) SIGTERM sent to the job's process (what `docker stop` / StopTrainingJob do to the
-#       container's process) reaches Python's handler: non-zero exit and output/failure.
+#       container's process) reaches Python's handler: non-zero exit and output/failure;
+#   (e) `<ENTRYPOINT> serve` on the model that (b) wrote answers /ping and one image on
+#       SAGEMAKER_BIND_TO_PORT, and SIGTERM stops it with exit status 0.
 # The /opt/ml tree comes from `uv run --frozen python -m sm_effdet.demo --make-tree DIR`.
 #
 # Run as root:  scripts/image_test.sh        (or: make image-test)
@@ -182,6 +184,7 @@ new_container() {
     containers+=("$new_c")
 }
 
+extra_env=()
 # run_in CONTAINER TREE COMMAND...: what `docker run -v TREE:/opt/ml IMAGE COMMAND...` runs.
 run_in() {
     local c=$1 tree=$2
@@ -192,6 +195,7 @@ run_in() {
         env_args=(-e "http_proxy=$proxy" -e "https_proxy=$proxy" -e "HTTP_PROXY=$proxy"
             -e "HTTPS_PROXY=$proxy" -e "no_proxy=" -e "NO_PROXY=" -e HF_HUB_OFFLINE=1)
     fi
+    env_args+=("${extra_env[@]}")
     buildah "${storage[@]}" run --isolation chroot "${env_args[@]}" -v "$tree:/opt/ml" "$c" -- \
         "${entrypoint[@]}" "$@"
 }
@@ -307,6 +311,66 @@ check_sigterm() {
     echo "output/failure, first line: $first"
 }
 
+# http_get URL [FILE CONTENT_TYPE]: "STATUS BODY" from the host (python3, no curl needed).
+http_call() {
+    python3 - "$@" <<'PY'
+import sys, urllib.request, urllib.error
+url = sys.argv[1]
+data = open(sys.argv[2], "rb").read() if len(sys.argv) > 2 else None
+req = urllib.request.Request(url, data=data, headers={"Content-Type": sys.argv[3]} if data else {})
+try:
+    with urllib.request.urlopen(req, timeout=10) as r:
+        print(r.status, r.read().decode()[:300])
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode()[:300])
+except OSError as e:
+    print(0, e)
+PY
+}
+
+# serve_process PID: the topmost process below PID that runs /opt/program/serve.
+serve_process() {
+    local p
+    for p in $(descendants "$1"); do
+        [[ $(cmdline_of "$p") == */opt/program/serve* ]] || continue
+        [[ $(cmdline_of "$(parent_of "$p")") == */opt/program/serve* ]] && continue
+        echo "$p"
+        return 0
+    done
+    return 1
+}
+
+check_serve() {
+    local c pid py="" port=18080 waited=0 out image rc=0
+    new_container
+    c=$new_c
+    image=$(find "$work/ok/input/data/training" -name '*.jpg' | head -n 1)
+    # chroot isolation shares the host's network: the server is reachable on 127.0.0.1.
+    extra_env=(-e "SAGEMAKER_BIND_TO_PORT=$port")
+    run_in "$c" "$work/ok" serve >"$work/serve.log" 2>&1 &
+    pid=$!
+    extra_env=()
+    out=""
+    while ((waited < 180)); do
+        out=$(http_call "http://127.0.0.1:$port/ping")
+        [[ $out == 200* ]] && break
+        kill -0 "$pid" 2>/dev/null || { cat "$work/serve.log"; die "serve exited before /ping answered 200"; }
+        sleep 1
+        waited=$((waited + 1))
+    done
+    [[ $out == 200* ]] || { tail -n 20 "$work/serve.log"; die "/ping did not answer 200 within 180 s"; }
+    echo "/ping 200 after ${waited} s"
+    out=$(http_call "http://127.0.0.1:$port/invocations" "$image" image/jpeg)
+    echo "POST /invocations: ${out:0:200}"
+    [[ $out == '200 {"predictions"'* ]] || die "serve did not answer an image with predictions"
+    py=$(serve_process "$pid") || die "no process running /opt/program/serve"
+    kill -TERM "$py"
+    wait "$pid" || rc=$?
+    tail -n 3 "$work/serve.log"
+    echo "exit status after SIGTERM: $rc"
+    ((rc == 0)) || die "serve did not exit 0 after SIGTERM"
+}
+
 main() {
     [[ $(id -u) -eq 0 ]] || die "run as root (buildah with vfs storage and chroot isolation)"
     trap cleanup EXIT
@@ -323,6 +387,7 @@ main() {
     phase "check (b): train on demo tree" check_train_ok
     phase "check (c): bad hyperparameter" check_train_bad
     phase "check (d): SIGTERM reaches Python" check_sigterm
+    phase "check (e): serve answers ping and an image" check_serve
     df -h / | tail -n 1
 }
 

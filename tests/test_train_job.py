@@ -16,7 +16,7 @@ from PIL import Image
 
 from sm_effdet.metrics_log import METRICS, metric_definitions
 
-MODEL_FILES = ["inference.py", "model.json", "model.safetensors"]
+MODEL_FILES = ["inference.py", "model.json", "model.safetensors", "model_card.py", "preprocessing.py"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def test_model_json_holds_everything_to_rebuild(trained):
         {"label": 2, "id": 7, "name": "ellipse"},
         {"label": 3, "id": 12, "name": "triangle"},
     ]
-    assert meta["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    # tf_lite0's own statistics (effdet's config), not ImageNet's (issue 13)
+    assert meta["normalization"] == {**meta["normalization"], "mean": [0.5] * 3, "std": [0.5] * 3, "fill": [128] * 3}
     assert meta["hyperparameters"]["learning_rate"] == 0.005
     assert meta["monitor"] == "valid_map" and meta["best_epoch"] in (1, 2)
     assert len(meta["history"]) == 2
@@ -114,9 +115,9 @@ def test_model_rebuilds_from_model_folder_alone_and_predicts(trained, tmp_path):
     assert len(detections) > 0
     width, height = Image.open(image).size
     for det in detections:
-        x, y, w, h = det["bbox"]
+        x1, y1, x2, y2 = det["box"]
         assert det["category_id"] in (3, 7, 12)
-        assert -1 <= x and -1 <= y and x + w <= width + 1 and y + h <= height + 1
+        assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
 
     # The same weights loaded in-process reproduce the script's output exactly.
     spec = importlib.util.spec_from_file_location("inference", model_dir / "inference.py")

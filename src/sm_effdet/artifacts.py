@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 INFERENCE_FILE = "inference.py"
-MODEL_FILES = (WEIGHTS_FILE, METADATA_FILE, INFERENCE_FILE)
+# The modules inference.py needs, copied beside it so that model/ works without this package.
+INFERENCE_MODULES = ("preprocessing.py", "model_card.py")
+MODEL_FILES = (WEIGHTS_FILE, METADATA_FILE, INFERENCE_FILE, *INFERENCE_MODULES)
 STAGING_PREFIX = ".staging-"
 
 
@@ -71,8 +73,8 @@ def write_model(model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dic
         atomic_write_bytes(staging / WEIGHTS_FILE, save(tensors))
         stops.pause_for_test("model-writing")
         atomic_write_text(staging / METADATA_FILE, strict_json(metadata))
-        source = Path(__file__).with_name(INFERENCE_FILE)
-        atomic_write_bytes(staging / INFERENCE_FILE, source.read_bytes())
+        for name in (INFERENCE_FILE, *INFERENCE_MODULES):
+            atomic_write_bytes(staging / name, Path(__file__).with_name(name).read_bytes())
         written = []
         for name in MODEL_FILES:
             os.replace(staging / name, model_dir / name)

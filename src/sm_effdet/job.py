@@ -8,12 +8,11 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
-from importlib import metadata as importlib_metadata
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, coco, stops
+from . import artifacts, coco, model_card, stops
 from .artifacts import remove_partial_model
 from .backbones import BACKBONES
 from .coco import DataReport, ImageRecord
@@ -27,7 +26,7 @@ from .environment import (
 )
 from .errors import JobStopped, UserInputError, failure_reason, write_failure
 from .hyperparameters import Hyperparameters
-from .transforms import MEAN, STD
+from .preprocessing import backbone_normalization
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +264,15 @@ def _loaders(
     from .transforms import eval_transform, train_transform
 
     workers, pin = settings["workers"], settings["pin"]
+    fill = backbone_normalization(BACKBONES[hp.backbone])["fill"]
     train_loader = make_loader(
-        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment), hp.img_size),
+        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment, fill), hp.img_size),
         hp.batch_size, workers, shuffle=True, pin_memory=pin,
     )
     val_loader = None
     if val_records:
         val_loader = make_loader(
-            DetectionDataset(val_records, eval_transform(hp.img_size), hp.img_size),
+            DetectionDataset(val_records, eval_transform(hp.img_size, fill), hp.img_size),
             hp.batch_size, workers, shuffle=False, pin_memory=pin,
         )
     return train_loader, val_loader
@@ -387,8 +387,9 @@ def _write_artifacts(
             f"written; lower learning_rate (now {hp.learning_rate:g}) and use a new checkpoint "
             "location."
         )
-    metadata = model_metadata(
-        hp, categories, summary, report, time.monotonic() - started, layout.world_size
+    metadata = model_card.model_metadata(
+        hp, categories, summary, report, time.monotonic() - started, layout.world_size,
+        backbone_normalization(BACKBONES[hp.backbone]), BACKBONES[hp.backbone], artifacts.WEIGHTS_FILE,
     )
     written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
     monitor = summary.monitor
@@ -419,53 +420,3 @@ def stopped_error(trainer: Any, checkpoint: Path | None) -> JobStopped:
         f"{checkpoint.parent}: run the job again with the same checkpoint location to resume.",
         code,
     )
-
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("sm-effdet", "torch", "effdet", "icevision", "lightning", "timm"):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def model_metadata(
-    hp: Hyperparameters, categories: list[coco.Category], summary: Any, report: DataReport,
-    seconds: float, world_size: int,
-) -> dict[str, Any]:
-    return {
-        "format_version": 1,
-        "framework": "effdet",
-        "effdet_model_name": BACKBONES[hp.backbone],
-        "backbone": hp.backbone,
-        "img_size": hp.img_size,
-        "num_classes": len(categories),
-        "weights_file": artifacts.WEIGHTS_FILE,
-        "weights_of": "effdet.EfficientDet (bench.model); load with effdet.create_model("
-        "effdet_model_name, bench_task='predict', num_classes, image_size=(img_size, img_size))",
-        "classes": [
-            {"label": i + 1, "id": c.id, "name": c.name} for i, c in enumerate(categories)
-        ],
-        "normalization": {
-            "mean": list(MEAN),
-            "std": list(STD),
-            "input": "RGB scaled to [0, 1], then (x - mean) / std",
-        },
-        "preprocessing": "resize the longest side to img_size keeping the aspect ratio, then pad "
-        "bottom and right with zeros to img_size x img_size",
-        "output": "per image up to 100 rows [x1, y1, x2, y2, score, label] in the input image's "
-        "pixels when img_scale = max(width, height) / img_size is passed; label is "
-        "classes[].label",
-        "monitor": summary.monitor,
-        "best_epoch": summary.best_epoch,
-        "metrics": summary.best_metrics,
-        "history": summary.history,
-        "hyperparameters": hp.to_dict(),
-        "data": report.split,
-        "world_size": world_size,
-        "training_seconds": round(seconds, 1),
-        "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }

@@ -15,10 +15,11 @@ import lightning as L
 import torch
 
 from . import coco_eval, stops
+from .backbones import BACKBONES
 from .coco import DataReport
 from .errors import UserInputError
 from .hyperparameters import Hyperparameters
-from .transforms import MEAN, STD
+from .preprocessing import backbone_normalization, normalize
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,12 @@ class EfficientDetModule(L.LightningModule):
         self.images_skipped = 0
         self.batches_attempted = 0
         self.nonfinite_steps = 0
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
+        # The backbone's own statistics (issue 13); model.json records the same ones.
+        self.normalization = backbone_normalization(BACKBONES[hp.backbone])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        # uint8 from the loader; normalised here, on the device.
-        return (images.float() - self.mean) / self.std
+        # uint8 from the loader; normalised here, on the device, as the server does.
+        return normalize(images, self.normalization["mean"], self.normalization["std"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._first_step_logged:
