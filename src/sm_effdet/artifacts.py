@@ -1,4 +1,5 @@
-"""What goes into /opt/ml/model: the best weights, model.json and a standalone inference script.
+"""What goes into /opt/ml/model: the best weights, model.json, a standalone inference script
+and, when the export worked, model.onnx.
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed, so
 a kill at any moment leaves either no file or a whole one. The model files are staged in a
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,8 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 INFERENCE_FILE = "inference.py"
 MODEL_FILES = (WEIGHTS_FILE, METADATA_FILE, INFERENCE_FILE)
+ONNX_FILE = "model.onnx"
+OPTIONAL_FILES = (ONNX_FILE,)
 STAGING_PREFIX = ".staging-"
 
 
@@ -57,8 +61,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_model(model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dict[str, Any]) -> list[Path]:
-    """Write the model files through a staging folder; return their final paths."""
+def write_model(
+    model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dict[str, Any],
+    extra_files: Sequence[Path] = (),
+) -> list[Path]:
+    """Write the model files through a staging folder; return their final paths.
+
+    extra_files (already written elsewhere, e.g. model.onnx) are moved in with the rest.
+    """
     from safetensors.torch import save
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -69,10 +79,15 @@ def write_model(model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dic
         atomic_write_text(staging / METADATA_FILE, json.dumps(metadata, indent=2, default=str) + "\n")
         source = Path(__file__).with_name(INFERENCE_FILE)
         atomic_write_bytes(staging / INFERENCE_FILE, source.read_bytes())
+        for path in extra_files:
+            shutil.move(path, staging / path.name)
         written = []
-        for name in MODEL_FILES:
+        for name in (*MODEL_FILES, *(p.name for p in extra_files)):
             os.replace(staging / name, model_dir / name)
             written.append(model_dir / name)
+        for name in OPTIONAL_FILES:  # an earlier job's model.onnx must not outlive its weights
+            if model_dir / name not in written:
+                (model_dir / name).unlink(missing_ok=True)
         _fsync_dir(model_dir)
         return written
     finally:
@@ -86,5 +101,7 @@ def remove_partial_model(model_dir: Path) -> None:
     for path in model_dir.iterdir():
         if path.name.startswith(STAGING_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
-        elif path.name in MODEL_FILES or (path.name.startswith(".") and path.name.endswith(".tmp")):
+        elif path.name in MODEL_FILES + OPTIONAL_FILES or (
+            path.name.startswith(".") and path.name.endswith(".tmp")
+        ):
             path.unlink(missing_ok=True)

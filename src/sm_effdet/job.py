@@ -279,13 +279,28 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     metadata = model_metadata(
         hp, categories, summary, report, time.monotonic() - started, layout.world_size
     )
-    written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
+    written = write_model_with_onnx(env.paths.model_dir, summary.best_state, metadata, hp)
     log.info(
         "model written to %s (best epoch %s of %d%s)",
         env.paths.model_dir, summary.best_epoch, trainer.current_epoch,
         f", {monitor}={summary.best_score:.4f}" if monitor and summary.best_score is not None else "",
     )
     return written
+
+
+def write_model_with_onnx(
+    model_dir: Path, state: dict[str, Any], metadata: dict[str, Any], hp: Hyperparameters
+) -> list[Path]:
+    """model/ as artifacts.write_model writes it, plus model.onnx when the export works."""
+    from .export import export_for_job
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # Exported inside model/ under the staging prefix: a kill leaves nothing a retry keeps.
+    with tempfile.TemporaryDirectory(prefix=artifacts.STAGING_PREFIX, dir=model_dir) as scratch:
+        extra, entries = export_for_job(
+            BACKBONES[hp.backbone], metadata["num_classes"], hp.img_size, state, Path(scratch)
+        )
+        return artifacts.write_model(model_dir, state, {**metadata, **entries}, extra)
 
 
 def resplit(
