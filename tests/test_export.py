@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, model_files, run_train, write_tree
 from PIL import Image
 
-from conftest import FAST, model_files, run_train, write_tree
 from sm_effdet import artifacts
 from sm_effdet.export import OnnxEfficientDet
 from sm_effdet.inference import load_model, preprocess

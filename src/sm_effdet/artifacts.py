@@ -62,7 +62,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_model(
-    model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dict[str, Any],
+    model_dir: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any],
     extra_files: Sequence[Path] = (),
 ) -> list[Path]:
     """Write the model files through a staging folder; return their final paths.

@@ -156,7 +156,7 @@ def export_for_job(
     try:
         net = predict_network(effdet_model_name, num_classes, img_size, state)
         record = export_onnx(net, img_size, folder / ONNX_FILE)
-    except Exception as exc:  # any failure of an optional artifact must not fail the job
+    except Exception as exc:  # noqa: BLE001 (an optional artifact must never fail the job)
         reason = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {_first_line(exc)}"
         log.warning(
             "no ONNX export for %s (the PyTorch model is written as usual): %s",
