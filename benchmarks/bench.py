@@ -137,7 +137,6 @@ def child_icevision_parser(channel: str) -> dict:
 def child_onnx_cpu(img_size: str, batches: str, rounds: str) -> dict:
     """Predict bench (network + effdet's post-processing), PyTorch against ONNX Runtime."""
     import torch
-
     from effdet import create_model
 
     from sm_effdet.export import OnnxEfficientDet, export_onnx
@@ -164,7 +163,7 @@ def child_onnx_cpu(img_size: str, batches: str, rounds: str) -> dict:
             # Interleaved rounds, best of each: other load on the machine hits both alike.
             for _ in range(int(rounds)):
                 for name, bench in (("torch", torch_bench), ("onnx", onnx_bench)):
-                    rates[name] = max(rates[name], images_per_second(lambda: bench(x), batch))
+                    rates[name] = max(rates[name], images_per_second(lambda b=bench, x=x: b(x), batch))
         result[f"batch_{batch}"] = rates
     return result
 

@@ -84,7 +84,7 @@ def test_two_nodes_train_one_model_together(tmp_path):
         assert seen, log[-3000:]
         assert int(seen.group(1)) == 11 and int(seen.group(2)) == 22
     # Only the master writes: the model, the report and the metric lines.
-    assert model_files(master) == ["inference.py", "model.json", "model.safetensors"]
+    assert model_files(master) == ["inference.py", "model.json", "model.onnx", "model.safetensors"]
     assert model_files(worker) == []
     assert (master / "output" / "data" / "data_report.json").exists()
     assert not (worker / "output" / "data" / "data_report.json").exists()

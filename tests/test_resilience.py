@@ -120,4 +120,4 @@ def test_hostile_dataset_trains_and_reports_everything(tmp_path):
     assert counts["box_dropped_unknown_category"] == 1 and counts["box_dropped_unknown_image"] == 1
     assert re.search(r"epoch=1/1 .*images_skipped=2\b", result.stdout)
     assert "image_skipped_at_load=2" in result.stdout  # the summary at the end of the log
-    assert model_files(base) == ["inference.py", "model.json", "model.safetensors"]
+    assert model_files(base) == ["inference.py", "model.json", "model.onnx", "model.safetensors"]

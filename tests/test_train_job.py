@@ -16,7 +16,7 @@ from PIL import Image
 
 from sm_effdet.metrics_log import METRICS, metric_definitions
 
-MODEL_FILES = ["inference.py", "model.json", "model.safetensors"]
+MODEL_FILES = ["inference.py", "model.json", "model.onnx", "model.safetensors"]
 
 
 @pytest.fixture(scope="module")
