@@ -15,6 +15,8 @@ Not a pass/fail test: it prints figures.
 5. serving on CPU: ./serve's images/s and p50/p99 latency at concurrency 1 and 8 (real HTTP
    requests, 640x480 JPEGs) against a plain loop calling the model directly (inference.py's
    decode + predict) in the same run; the server's RSS after 10 requests and after 1,000.
+6. prediction on CPU, tf_lite0 at 512 px, batch 1 and 8: PyTorch against ONNX Runtime running
+   the exported model.onnx, both inside effdet's DetBenchPredict.
 
 `--sections 5` runs only the serving part; `--serve-requests`/`--rss-requests` shorten it.
 """
@@ -137,7 +139,44 @@ def child_icevision_parser(channel: str) -> dict:
     return {"seconds": time.perf_counter() - started}
 
 
-CHILDREN = {f.__name__[len("child_"):]: f for f in (child_json_load, child_job_dataset, child_icevision_parser)}
+def child_onnx_cpu(img_size: str, batches: str, rounds: str) -> dict:
+    """Predict bench (network + effdet's post-processing), PyTorch against ONNX Runtime."""
+    import torch
+    from effdet import create_model
+
+    from sm_effdet.export import OnnxEfficientDet, export_onnx
+
+    size = int(img_size)
+    # Random weights: speed does not depend on them; both benches hold the same ones.
+    torch_bench = create_model("tf_efficientdet_lite0", bench_task="predict", num_classes=3,
+                               image_size=(size, size), pretrained=False, pretrained_backbone=False).eval()
+    onnx_bench = create_model("tf_efficientdet_lite0", bench_task="predict", num_classes=3,
+                              image_size=(size, size), pretrained=False, pretrained_backbone=False).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        record = export_onnx(torch_bench.model, size, Path(tmp) / "model.onnx")
+        export_seconds = time.perf_counter() - started
+        onnx_bench.model = OnnxEfficientDet(Path(tmp) / "model.onnx", device="cpu")
+    result = {"export_seconds": export_seconds, "check": record["max_relative_difference"],
+              "threads": torch.get_num_threads()}
+    for batch in map(int, batches.split(",")):
+        x = torch.randn(batch, 3, size, size)
+        rates = {"torch": 0.0, "onnx": 0.0}
+        with torch.inference_mode():
+            for bench in (torch_bench, onnx_bench):
+                bench(x)  # warm-up: kernels chosen, memory arenas grown
+            # Interleaved rounds, best of each: other load on the machine hits both alike.
+            for _ in range(int(rounds)):
+                for name, bench in (("torch", torch_bench), ("onnx", onnx_bench)):
+                    rates[name] = max(rates[name], images_per_second(lambda b=bench, x=x: b(x), batch))
+        result[f"batch_{batch}"] = rates
+    return result
+
+
+CHILDREN = {
+    f.__name__[len("child_"):]: f
+    for f in (child_json_load, child_job_dataset, child_icevision_parser, child_onnx_cpu)
+}
 
 
 def run_child(name: str, *args: str) -> dict:
@@ -434,9 +473,11 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sections", default="1,2,3,4,5", help="which parts to run, e.g. 5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which parts to run, e.g. 5")
     parser.add_argument("--serve-requests", type=int, default=400)
     parser.add_argument("--rss-requests", type=int, default=1000)
+    parser.add_argument("--onnx-img-size", type=int, default=512)
+    parser.add_argument("--onnx-rounds", type=int, default=3)
     args = parser.parse_args()
     if args.child:
         name, *rest = args.child
@@ -481,6 +522,22 @@ def main() -> None:
         if 5 in sections:
             print("5. serving on CPU, tf_lite0 at 256 px, 640x480 JPEGs")
             print("\n".join(serving(work, args.serve_requests, args.rss_requests)), flush=True)
+        if 6 in sections:
+            print("6. PyTorch against ONNX Runtime on CPU (tf_lite0 network + effdet post-processing)")
+            print(onnx_vs_pytorch(args.onnx_img_size, args.onnx_rounds), flush=True)
+
+
+def onnx_vs_pytorch(img_size: int, rounds: int) -> str:
+    result = run_child("onnx_cpu", str(img_size), "1,8", str(rounds))
+    lines = [f"  export {result['export_seconds']:.1f} s (with its parity check), "
+             f"{result['threads']} threads"]
+    for batch in (1, 8):
+        rates = result[f"batch_{batch}"]
+        lines.append(
+            f"  {img_size} px, batch {batch}: PyTorch {rates['torch']:6.2f} img/s, ONNX Runtime "
+            f"{rates['onnx']:6.2f} img/s = {rates['onnx'] / rates['torch']:.2f}x"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

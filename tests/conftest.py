@@ -23,6 +23,8 @@ FAST = {
     "epochs": "1",
     "pretrained": "false",
     "num_workers": "0",
+    # The ONNX export adds tens of seconds to every job; tests/test_export.py turns it on.
+    "export_onnx": "false",
 }
 
 

@@ -1,4 +1,5 @@
-"""What goes into /opt/ml/model: the best weights, model.json and a standalone inference script.
+"""What goes into /opt/ml/model: the best weights, model.json, a standalone inference script
+and, when the export worked, model.onnx.
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed, so
 a kill at any moment leaves either no file or a whole one. The model files are staged in a
@@ -12,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,8 @@ INFERENCE_FILE = "inference.py"
 # The modules inference.py needs, copied beside it so that model/ works without this package.
 INFERENCE_MODULES = ("preprocessing.py", "model_card.py")
 MODEL_FILES = (WEIGHTS_FILE, METADATA_FILE, INFERENCE_FILE, *INFERENCE_MODULES)
+ONNX_FILE = "model.onnx"
+OPTIONAL_FILES = (ONNX_FILE,)
 STAGING_PREFIX = ".staging-"
 
 
@@ -62,8 +66,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_model(model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dict[str, Any]) -> list[Path]:
-    """Write the model files through a staging folder; return their final paths."""
+def write_model(
+    model_dir: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any],
+    extra_files: Sequence[Path] = (),
+) -> list[Path]:
+    """Write the model files through a staging folder; return their final paths.
+
+    extra_files (already written elsewhere, e.g. model.onnx) are moved in with the rest.
+    """
     from safetensors.torch import save
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -75,10 +85,15 @@ def write_model(model_dir: Path, state: dict[str, "torch.Tensor"], metadata: dic
         atomic_write_text(staging / METADATA_FILE, strict_json(metadata))
         for name in (INFERENCE_FILE, *INFERENCE_MODULES):
             atomic_write_bytes(staging / name, Path(__file__).with_name(name).read_bytes())
+        for path in extra_files:
+            shutil.move(path, staging / path.name)
         written = []
-        for name in MODEL_FILES:
+        for name in (*MODEL_FILES, *(p.name for p in extra_files)):
             os.replace(staging / name, model_dir / name)
             written.append(model_dir / name)
+        for name in OPTIONAL_FILES:  # an earlier job's model.onnx must not outlive its weights
+            if model_dir / name not in written:
+                (model_dir / name).unlink(missing_ok=True)
         _fsync_dir(model_dir)
         return written
     finally:
@@ -117,5 +132,7 @@ def remove_partial_model(model_dir: Path) -> None:
     for path in model_dir.iterdir():
         if path.name.startswith(STAGING_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
-        elif path.name in MODEL_FILES or (path.name.startswith(".") and path.name.endswith(".tmp")):
+        elif path.name in MODEL_FILES + OPTIONAL_FILES or (
+            path.name.startswith(".") and path.name.endswith(".tmp")
+        ):
             path.unlink(missing_ok=True)

@@ -228,6 +228,10 @@ class Hyperparameters:
         _between(0),
     )
     augment: bool = _spec(True, _as_bool, "train-time augmentation (flips, scale, colour)")
+    export_onnx: bool = _spec(
+        True, _as_bool, "also write model/model.onnx for ONNX Runtime serving (the export takes "
+        "tens of seconds at the end of the job); false writes only the PyTorch model",
+    )
     checkpoint_every_minutes: float = _spec(
         15.0, _as_float, "write a resumable checkpoint this often within an epoch (one is "
         "written after every epoch and when the job is stopped); 0 is only then", _between(0),

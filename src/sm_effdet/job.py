@@ -391,7 +391,12 @@ def _write_artifacts(
         hp, categories, summary, report, time.monotonic() - started, layout.world_size,
         backbone_normalization(BACKBONES[hp.backbone]), BACKBONES[hp.backbone], artifacts.WEIGHTS_FILE,
     )
-    written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
+    if hp.export_onnx:
+        written = write_model_with_onnx(env.paths.model_dir, summary.best_state, metadata, hp)
+    else:
+        written = artifacts.write_model(
+            env.paths.model_dir, summary.best_state, {**metadata, "onnx": None}
+        )
     monitor = summary.monitor
     log.info(
         "model written to %s (best epoch %s of %d%s)",
@@ -399,6 +404,21 @@ def _write_artifacts(
         f", {monitor}={summary.best_score:.4f}" if monitor and summary.best_score is not None else "",
     )
     return written
+
+
+def write_model_with_onnx(
+    model_dir: Path, state: dict[str, Any], metadata: dict[str, Any], hp: Hyperparameters
+) -> list[Path]:
+    """model/ as artifacts.write_model writes it, plus model.onnx when the export works."""
+    from .export import export_for_job
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # Exported inside model/ under the staging prefix: a kill leaves nothing a retry keeps.
+    with tempfile.TemporaryDirectory(prefix=artifacts.STAGING_PREFIX, dir=model_dir) as scratch:
+        extra, entries = export_for_job(
+            BACKBONES[hp.backbone], metadata["num_classes"], hp.img_size, state, Path(scratch)
+        )
+        return artifacts.write_model(model_dir, state, {**metadata, **entries}, extra)
 
 
 def resplit(
