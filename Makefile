@@ -25,7 +25,7 @@ DOCKER ?= docker
 # Optional certificate bundle of a TLS-inspecting proxy, given to the build as the `ca_bundle` secret.
 CA_BUNDLE ?=
 
-.PHONY: help install demo test bench build push local-train image-test lint
+.PHONY: help install demo test bench bench-quality build push local-train image-test lint
 
 help: ## List the targets
 	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
@@ -46,6 +46,9 @@ test: install ## Run the test suite
 
 bench: install ## Print speed figures against same-run baselines (not a test; see README)
 	$(UV) run --frozen python benchmarks/bench.py $(BENCH_ARGS)
+
+bench-quality: install ## Print model quality on ../shared/data/raccoon (about 2 hours on 2 CPUs; not a test)
+	$(UV) run --frozen python benchmarks/bench_quality.py $(BENCH_QUALITY_ARGS)
 
 build: ## Build the image IMAGE:TAG (and IMAGE:latest) for linux/amd64
 	$(DOCKER) build --platform $(PLATFORM) \

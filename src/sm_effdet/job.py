@@ -158,8 +158,10 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     from .checkpoints import ResumableCheckpoints, find_resumable
     from .data import DetectionDataset, make_loader
     from .lightning_module import EfficientDetModule
+    from .best_model import BestModel
     from .metrics_log import EpochSummary
     from .model import build_model
+    from .warm_start import MODEL_CHANNEL, choose_starting_point, load_backbone_weights, warm_start
     from .transforms import eval_transform, train_transform
 
     L.seed_everything(hp.seed, workers=True, verbose=False)
@@ -205,22 +207,26 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
         )
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
-    # A resumed job takes every weight from its checkpoint.
-    use_pretrained = hp.pretrained and resume is None
-    bench = build_model(hp.backbone, len(categories), hp.img_size, use_pretrained, pretrained_dir)
+    start = choose_starting_point(hp.pretrained, env.channel(MODEL_CHANNEL), resume is not None)
+    bench = build_model(hp.backbone, len(categories), hp.img_size, start == "coco", pretrained_dir)
+    if start == "warm":
+        warm_start(bench.model, env.channel(MODEL_CHANNEL), hp.backbone, [c.name for c in categories])
+    elif start == "backbone":
+        load_backbone_weights(bench.model, hp.backbone, pretrained_dir)
     val_gt = coco_eval.ground_truth(val_records, len(categories)) if val_records else None
     module = EfficientDetModule(bench, hp, val_gt, report)
 
     monitor = hp.monitor if val_records else None
-    summary = EpochSummary(monitor, hp.epochs)
+    summary = EpochSummary(hp.epochs)
+    best = BestModel(monitor, summary)
     checkpoints = ResumableCheckpoints(
         checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta
     )
-    callbacks: list[Any] = [summary, checkpoints]
+    callbacks: list[Any] = [summary, best, checkpoints]
     if monitor and hp.early_stopping_patience > 0:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
-                monitor=monitor, mode=summary.mode, patience=hp.early_stopping_patience,
+                monitor=monitor, mode=best.mode, patience=hp.early_stopping_patience,
                 check_on_train_epoch_end=True,
             )
         )
@@ -250,7 +256,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             enable_progress_bar=sys.stdout.isatty(),
             enable_model_summary=False,
             callbacks=callbacks,
-            gradient_clip_val=10.0,
+            gradient_clip_val=hp.clip_grad_norm or None,
             limit_val_batches=1.0 if val_loader is not None else 0,
             num_sanity_val_steps=0,
             benchmark=accelerator == "gpu",
@@ -272,18 +278,18 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             if report.counts["image_skipped_at_load"]:
                 log.info(report.summary())
 
-    if summary.best_state is None:
+    if best.best_state is None:
         raise UserInputError("training finished without a completed epoch; check the log above.")
     if not is_writer:
         return []
     metadata = model_metadata(
-        hp, categories, summary, report, time.monotonic() - started, layout.world_size
+        hp, categories, best, report, time.monotonic() - started, layout.world_size
     )
-    written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
+    written = artifacts.write_model(env.paths.model_dir, best.best_state, metadata)
     log.info(
         "model written to %s (best epoch %s of %d%s)",
-        env.paths.model_dir, summary.best_epoch, trainer.current_epoch,
-        f", {monitor}={summary.best_score:.4f}" if monitor and summary.best_score is not None else "",
+        env.paths.model_dir, best.best_epoch, trainer.current_epoch,
+        f", {monitor}={best.best_score:.4f}" if monitor and best.best_score is not None else "",
     )
     return written
 

@@ -37,6 +37,16 @@ class EfficientDetModule(L.LightningModule):
         self._results: dict[int, list[list[float]]] = {}
         self.images_seen = 0
         self.images_skipped = 0
+        # The moving average of the weights: a frozen copy updated after every optimiser step,
+        # registered as a submodule so that it moves with the module and lives in checkpoints.
+        self.ema = None
+        if hp.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(bench.model, decay=hp.ema_decay, use_warmup=True)
+            self.ema.requires_grad_(False)  # never a DDP parameter
+        self._ema_bench: list[torch.nn.Module] = []  # not a submodule: it shares self.ema's
+        self._frozen: bool | None = None
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -45,6 +55,8 @@ class EfficientDetModule(L.LightningModule):
         return (images.float() - self.mean) / self.std
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._frozen:  # Lightning may have switched every layer back to train mode
+            self.bench.model.backbone.eval()
         if not self._first_step_logged:
             self._first_step_logged = True
             import psutil
@@ -56,6 +68,37 @@ class EfficientDetModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.images_seen = 0
         self.images_skipped = 0
+        self.set_backbone_frozen(self.current_epoch < self.hp.freeze_backbone_epochs)
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """While frozen the backbone's learning rate is 0 (see configure_optimizers) and its
+        batch norms keep their statistics; logged when it changes."""
+        if frozen:
+            self.bench.model.backbone.eval()
+        if frozen != self._frozen and (frozen or self._frozen is not None):
+            if frozen:
+                log.info("backbone frozen: epochs %d to %d train the FPN and heads only",
+                         self.current_epoch + 1, self.hp.freeze_backbone_epochs)
+            else:
+                log.info("backbone unfrozen: epoch %d on trains every layer", self.current_epoch + 1)
+        self._frozen = frozen
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.bench.model, step=self.global_step)
+
+    def eval_net(self) -> torch.nn.Module:
+        """The weights that are validated and become the model: the EMA's when it is on."""
+        return self.ema.module if self.ema is not None else self.bench.model
+
+    def eval_bench(self) -> torch.nn.Module:
+        if self.ema is None:
+            return self.bench
+        if not self._ema_bench:
+            from effdet import DetBenchTrain
+
+            self._ema_bench.append(DetBenchTrain(self.ema.module, create_labeler=True))
+        return self._ema_bench[0].to(self.device).train(self.bench.training)
 
     def count_skipped(self, batch: dict[str, Any]) -> None:
         for file_name, reason in batch["skipped"]:
@@ -81,7 +124,7 @@ class EfficientDetModule(L.LightningModule):
         self.count_skipped(batch)
         if batch["images"] is None:
             return
-        out = self.bench(self.normalise(batch["images"]), batch["targets"])
+        out = self.eval_bench()(self.normalise(batch["images"]), batch["targets"])
         self.log("valid_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=len(batch["images"]))
         detections = out["detections"].float().cpu().numpy()
@@ -109,25 +152,39 @@ class EfficientDetModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
-        decay, no_decay = [], []
-        for name, param in self.bench.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim <= 1 else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = parameter_groups(self.bench.model, hp.weight_decay)
+        lr = hp.peak_learning_rate
         fused = {"fused": True} if self.device.type == "cuda" else {}
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.learning_rate, momentum=hp.momentum,
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum,
                                         nesterov=hp.momentum > 0, **fused)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, **fused)
+            optimizer = torch.optim.AdamW(groups, lr=lr, **fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         per_epoch = total / max(self.trainer.max_epochs or 1, 1)
         schedule = lr_factor_fn(hp.lr_schedule, total, round(hp.warmup_epochs * per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Freezing as a learning rate of 0 for the backbone's groups rather than requires_grad:
+        # DDP fixes the set of parameters it synchronises when it wraps the model.
+        frozen_steps = round(hp.freeze_backbone_epochs * per_epoch)
+        frozen = lambda step: 0.0 if step < frozen_steps else schedule(step)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [frozen if g["backbone"] else schedule for g in groups]
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def parameter_groups(net: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Backbone and the rest (for freezing), each with and without weight decay (biases and
+    norms get none)."""
+    # The head's group first: the epoch line reports param_groups[0]'s learning rate.
+    groups = {(b, d): [] for b in (False, True) for d in (True, False)}
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            groups[(name.startswith("backbone."), param.ndim > 1)].append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "backbone": backbone}
+        for (backbone, decay), params in groups.items() if params
+    ]
 
 
 def lr_factor_fn(schedule: str, total_steps: int, warmup_steps: int):
