@@ -84,7 +84,7 @@ def run(name: str, base: Path, env_extra: dict | None = None) -> dict:
            **(env_extra or {})}
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(REPO / "train")], env=env, capture_output=True,
-                            text=True)
+                            text=True, check=False)
     seconds = time.monotonic() - started
     if result.returncode != 0:
         failure = base / "output" / "failure"

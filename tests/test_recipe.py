@@ -14,7 +14,7 @@ from conftest import FAST, REPO, failure_text, run_train, write_tree
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(REPO / "scripts"))
-from convert_efficientnet_lite0 import converted_state  # noqa: E402
+from convert_efficientnet_lite0 import converted_state
 
 HEAD = "class_net.predict.conv_pw."
 ANCHORS = 9  # effdet's 3 scales x 3 aspect ratios
@@ -40,7 +40,7 @@ def first_model(tmp_path_factory):
 
 
 def test_ema_weights_differ_from_raw_and_are_the_model(first_model):
-    checkpoint = sorted((first_model / "checkpoints").glob("*.ckpt"))[-1]
+    checkpoint = max((first_model / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     model = trained_weights(first_model)
     raw = {k.removeprefix("bench.model."): v for k, v in state.items() if k.startswith("bench.model.")}

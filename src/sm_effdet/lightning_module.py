@@ -166,7 +166,7 @@ class EfficientDetModule(L.LightningModule):
         # Freezing as a learning rate of 0 for the backbone's groups rather than requires_grad:
         # DDP fixes the set of parameters it synchronises when it wraps the model.
         frozen_steps = round(hp.freeze_backbone_epochs * per_epoch)
-        frozen = lambda step: 0.0 if step < frozen_steps else schedule(step)  # noqa: E731
+        frozen = lambda step: 0.0 if step < frozen_steps else schedule(step)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, [frozen if g["backbone"] else schedule for g in groups]
         )

@@ -203,7 +203,7 @@ def _is_backbone_file(path: Path) -> bool:
                 keys = set(f.keys())
         else:
             keys = set(read_state_dict(path))
-    except Exception:
+    except (UserInputError, OSError, RuntimeError):  # not a weights file: not a backbone file
         return False
     keys = {k.removeprefix("backbone.") for k in keys}
     return "conv_stem.weight" in keys and not any(k.startswith("class_net.") for k in keys)
