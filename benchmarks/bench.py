@@ -283,6 +283,52 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     ]
 
 
+def anchor_labelling(img_size: int, batch: int, steps: int) -> list[str]:
+    """Step time with effdet's per-image anchor labelling inside the step (the training bench,
+    on the training device) against labels made beforehand (what effdet's own trainer does in
+    the loader workers: a bench without a labeler takes them in the targets)."""
+    import torch
+    from effdet import DetBenchTrain
+
+    from sm_effdet.model import build_model
+
+    torch.manual_seed(0)
+    bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None).train()
+    prelabelled = DetBenchTrain(bench.model, create_labeler=False).train()
+    labeler = bench.anchor_labeler
+    images = torch.randn(batch, 3, img_size, img_size)
+    boxes = [torch.tensor([[20.0, 30.0, 120.0, 140.0], [60.0, 50.0, 200.0, 220.0]]) for _ in range(batch)]
+    classes = [torch.tensor([1.0, 2.0]) for _ in range(batch)]
+    targets = {"bbox": boxes, "cls": classes}
+
+    def label() -> dict:
+        cls_targets, box_targets, num_positives = labeler.batch_label_anchors(boxes, classes)
+        labelled = {"label_num_positives": num_positives}
+        for level, (c, b) in enumerate(zip(cls_targets, box_targets)):
+            labelled[f"label_cls_{level}"], labelled[f"label_bbox_{level}"] = c, b
+        return labelled
+
+    def timed(fn) -> float:
+        fn()
+        started = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - started) / steps
+
+    def step(net, t) -> None:
+        net(images, t)["loss"].backward()
+
+    labelled = label()
+    labelling = timed(label)
+    in_step = timed(lambda: step(bench, targets))
+    before = timed(lambda: step(prelabelled, labelled))
+    return [
+        f"  cpu, tf_lite0 at {img_size} px, batch {batch} (forward + backward): labelling alone "
+        f"{labelling * 1000:.1f} ms per batch; step with labelling in the bench {in_step * 1000:.0f} ms, "
+        f"with labels made beforehand (loader workers) {before * 1000:.0f} ms"
+    ]
+
+
 def first_step(base: Path, label: str) -> str:
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1",
            "HTTPS_PROXY": "http://127.0.0.1:9"}
@@ -307,6 +353,7 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sections", default="12345", help="which sections to run, e.g. 5")
     args = parser.parse_args()
     if args.child:
         name, *rest = args.child
@@ -324,6 +371,11 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if gpu else 'no GPU'}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="sm-effdet-bench-") as tmp:
         work = Path(tmp)
+        if "5" in args.sections:
+            print("5. anchor labelling: in the step (effdet's training bench) or in the loader workers")
+            print("\n".join(anchor_labelling(256, 8, args.steps)), flush=True)
+        if not set(args.sections) & set("1234"):
+            return
         print("1. start-up at COCO scale")
         channel, lines = startup(work, args.images, args.boxes, args.icevision_images)
         print("\n".join(lines), flush=True)

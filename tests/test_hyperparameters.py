@@ -115,7 +115,8 @@ def test_recipe_keys_and_the_learning_rate_of_each_optimizer():
     custom = parse_hyperparameters(
         {"ema_decay": "0", "freeze_backbone_epochs": "3", "clip_grad_norm": "0"}
     )
-    assert (custom.ema_decay, custom.freeze_backbone_epochs, custom.clip_grad_norm) == (0, 3, 0)
+    assert (custom.ema_decay, custom.freeze_backbone_epochs, custom.gradient_clip) == (0, 3, None)
+    assert (default.gradient_clip, sgd.gradient_clip) == (10.0, None)
     with pytest.raises(UserInputError, match="'ema_decay' has invalid value '1': it must be below 1"):
         parse_hyperparameters({"ema_decay": "1"})
 

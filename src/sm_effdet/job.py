@@ -256,7 +256,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             enable_progress_bar=sys.stdout.isatty(),
             enable_model_summary=False,
             callbacks=callbacks,
-            gradient_clip_val=hp.clip_grad_norm or None,
+            gradient_clip_val=hp.gradient_clip,
             limit_val_batches=1.0 if val_loader is not None else 0,
             num_sanity_val_steps=0,
             benchmark=accelerator == "gpu",
