@@ -36,7 +36,7 @@ DEPLOY_NAME ?= $(IMAGE)-$(TAG)-$(shell date -u +%Y%m%d-%H%M%S)
 # Extra container environment for serve, e.g. SERVE_ENV='"SERVE_SCORE_THRESHOLD":"0.5"'
 SERVE_ENV ?=
 
-.PHONY: help install demo test bench build push local-train image-test lint deploy
+.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy
 
 help: ## List the targets
 	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
@@ -57,6 +57,9 @@ test: install ## Run the test suite
 
 bench: install ## Print speed figures against same-run baselines (not a test; see README)
 	$(UV) run --frozen python benchmarks/bench.py $(BENCH_ARGS)
+
+bench-quality: install ## Print model quality on ../shared/data/raccoon (about 2 hours on 2 CPUs; not a test)
+	$(UV) run --frozen python benchmarks/bench_quality.py $(BENCH_QUALITY_ARGS)
 
 build: ## Build the image IMAGE:TAG (and IMAGE:latest) for linux/amd64
 	$(DOCKER) build --platform $(PLATFORM) \

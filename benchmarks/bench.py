@@ -17,6 +17,8 @@ Not a pass/fail test: it prints figures.
    decode + predict) in the same run; the server's RSS after 10 requests and after 1,000.
 6. prediction on CPU, tf_lite0 at 512 px, batch 1 and 8: PyTorch against ONNX Runtime running
    the exported model.onnx, both inside effdet's DetBenchPredict.
+7. anchor labelling: a training step with effdet's per-image labelling inside the step against
+   one with the labels made beforehand (as effdet's own trainer does in its loader workers).
 
 `--sections 5` runs only the serving part; `--serve-requests`/`--rss-requests` shorten it.
 """
@@ -327,6 +329,52 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     ]
 
 
+def anchor_labelling(img_size: int, batch: int, steps: int) -> list[str]:
+    """Step time with effdet's per-image anchor labelling inside the step (the training bench,
+    on the training device) against labels made beforehand (what effdet's own trainer does in
+    the loader workers: a bench without a labeler takes them in the targets)."""
+    import torch
+    from effdet import DetBenchTrain
+
+    from sm_effdet.model import build_model
+
+    torch.manual_seed(0)
+    bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None).train()
+    prelabelled = DetBenchTrain(bench.model, create_labeler=False).train()
+    labeler = bench.anchor_labeler
+    images = torch.randn(batch, 3, img_size, img_size)
+    boxes = [torch.tensor([[20.0, 30.0, 120.0, 140.0], [60.0, 50.0, 200.0, 220.0]]) for _ in range(batch)]
+    classes = [torch.tensor([1.0, 2.0]) for _ in range(batch)]
+    targets = {"bbox": boxes, "cls": classes}
+
+    def label() -> dict:
+        cls_targets, box_targets, num_positives = labeler.batch_label_anchors(boxes, classes)
+        labelled = {"label_num_positives": num_positives}
+        for level, (c, b) in enumerate(zip(cls_targets, box_targets)):
+            labelled[f"label_cls_{level}"], labelled[f"label_bbox_{level}"] = c, b
+        return labelled
+
+    def timed(fn) -> float:
+        fn()
+        started = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - started) / steps
+
+    def step(net, t) -> None:
+        net(images, t)["loss"].backward()
+
+    labelled = label()
+    labelling = timed(label)
+    in_step = timed(lambda: step(bench, targets))
+    before = timed(lambda: step(prelabelled, labelled))
+    return [
+        f"  cpu, tf_lite0 at {img_size} px, batch {batch} (forward + backward): labelling alone "
+        f"{labelling * 1000:.1f} ms per batch; step with labelling in the bench {in_step * 1000:.0f} ms, "
+        f"with labels made beforehand (loader workers) {before * 1000:.0f} ms"
+    ]
+
+
 def first_step(base: Path, label: str) -> str:
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1",
            "HTTPS_PROXY": "http://127.0.0.1:9"}
@@ -473,7 +521,7 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which parts to run, e.g. 5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7", help="which parts to run, e.g. 5")
     parser.add_argument("--serve-requests", type=int, default=400)
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--onnx-img-size", type=int, default=512)
@@ -525,6 +573,9 @@ def main() -> None:
         if 6 in sections:
             print("6. PyTorch against ONNX Runtime on CPU (tf_lite0 network + effdet post-processing)")
             print(onnx_vs_pytorch(args.onnx_img_size, args.onnx_rounds), flush=True)
+        if 7 in sections:
+            print("7. anchor labelling: in the step (effdet's training bench) or in the loader workers")
+            print("\n".join(anchor_labelling(256, 8, args.steps)), flush=True)
 
 
 def onnx_vs_pytorch(img_size: int, rounds: int) -> str:

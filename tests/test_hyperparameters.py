@@ -4,7 +4,12 @@ from pathlib import Path
 import pytest
 
 from sm_effdet.errors import UserInputError
-from sm_effdet.hyperparameters import SPECS, example_hyperparameters, parse_hyperparameters
+from sm_effdet.hyperparameters import (
+    DEFAULT_LEARNING_RATES,
+    SPECS,
+    example_hyperparameters,
+    parse_hyperparameters,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,10 +74,10 @@ def test_platform_keys_are_accepted():
         ({"learning_rat": "0.1"}, "unknown hyperparameter 'learning_rat'; did you mean 'learning_rate'?"),
         ({"img_size": "300"}, "hyperparameter 'img_size' has invalid value '300': it must be a multiple of 128"),
         ({"img_size": "128"}, "'img_size' has invalid value '128'"),
-        ({"pretrained": "maybe"}, "'pretrained' has invalid value 'maybe': it must be true or false."),
+        ({"pretrained": "maybe"}, "'pretrained' has invalid value 'maybe': it must be true (effdet's COCO detector), false (from scratch) or backbone"),
         ({"batch_size": "1.5"}, "'batch_size' has invalid value '1.5': it must be a whole number."),
         ({"batch_size": "0"}, "'batch_size' has invalid value '0': it must be at least 1"),
-        ({"learning_rate": "-1"}, "'learning_rate' has invalid value '-1': it must be greater than 0."),
+        ({"learning_rate": "-1"}, "'learning_rate' has invalid value '-1': it must be 'auto' or a number greater than 0."),
         ({"optimizer": "adam"}, "'optimizer' has invalid value 'adam': it must be one of adamw, sgd."),
         ({"precision": "8"}, "'precision' has invalid value '8'"),
         ({"val_fraction": "1"}, "'val_fraction' has invalid value '1': it must be below 1"),
@@ -99,6 +104,23 @@ def test_every_backbone_short_and_dotted():
         assert name in BACKBONES
         dotted = parse_hyperparameters({"backbone": f"models.ross.efficientdet.backbones.{name}"})
         assert dotted.backbone == name
+
+
+def test_recipe_keys_and_the_learning_rate_of_each_optimizer():
+    default = parse_hyperparameters({})
+    assert default.learning_rate == "auto" and default.peak_learning_rate == 0.001
+    sgd = parse_hyperparameters({"optimizer": "sgd"})
+    assert sgd.peak_learning_rate == DEFAULT_LEARNING_RATES["sgd"] > default.peak_learning_rate
+    assert parse_hyperparameters({"optimizer": "sgd", "learning_rate": "0.02"}).peak_learning_rate == 0.02
+    assert parse_hyperparameters({"pretrained": "Backbone"}).pretrained == "backbone"
+    assert parse_hyperparameters({"pretrained": "False"}).pretrained is False
+    custom = parse_hyperparameters(
+        {"ema_decay": "0", "freeze_backbone_epochs": "3", "clip_grad_norm": "0"}
+    )
+    assert (custom.ema_decay, custom.freeze_backbone_epochs, custom.gradient_clip) == (0, 3, None)
+    assert (default.gradient_clip, sgd.gradient_clip) == (10.0, None)
+    with pytest.raises(UserInputError, match="'ema_decay' has invalid value '1': it must be below 1"):
+        parse_hyperparameters({"ema_decay": "1"})
 
 
 def test_example_file_lists_every_key_with_its_default():

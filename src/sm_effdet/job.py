@@ -166,7 +166,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     train_loader, val_loader = _loaders(hp, settings, train_records, val_records)
     stops.start_up("building the model")
     module = _model(env, hp, categories, val_records, report, resumed=resume_path is not None)
-    summary, checkpoints, callbacks = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records))
+    best, checkpoints, callbacks = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records))
     log.info(
         "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
         "all), %d epochs, %s precision on %s, %d loader workers per process; best model by %s; "
@@ -174,7 +174,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
         hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size,
         hp.batch_size * layout.world_size, hp.epochs, settings["precision"],
         settings["accelerator"], settings["workers"],
-        summary.monitor or "last epoch (no validation set)", checkpoint_dir,
+        best.monitor or "last epoch (no validation set)", checkpoint_dir,
     )
     with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
         trainer = _trainer(settings, hp, layout, callbacks, val_loader is not None, scratch)
@@ -187,7 +187,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
                 log.info(report.summary())
     # Training is over: a stop from here on lets the model be written whole (stops.py).
     stops.finishing()
-    return _write_artifacts(env, hp, categories, summary, report, trainer, layout, started)
+    return _write_artifacts(env, hp, categories, best, report, trainer, layout, started)
 
 
 def _report_data(
@@ -285,11 +285,17 @@ def _model(
     from . import coco_eval
     from .lightning_module import EfficientDetModule
     from .model import build_model
+    from .warm_start import MODEL_CHANNEL, choose_starting_point, load_backbone_weights, warm_start
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
-    # A resumed job takes every weight from its checkpoint.
-    use_pretrained = hp.pretrained and not resumed
-    bench = build_model(hp.backbone, len(categories), hp.img_size, use_pretrained, pretrained_dir)
+    # A resumed job takes every weight from its checkpoint; else a previous model (the `model`
+    # channel), the COCO detector or the ImageNet backbone, as warm_start.choose_starting_point says.
+    start = choose_starting_point(hp.pretrained, env.channel(MODEL_CHANNEL), resumed)
+    bench = build_model(hp.backbone, len(categories), hp.img_size, start == "coco", pretrained_dir)
+    if start == "warm":
+        warm_start(bench.model, env.channel(MODEL_CHANNEL), hp.backbone, [c.name for c in categories])
+    elif start == "backbone":
+        load_backbone_weights(bench.model, hp.backbone, pretrained_dir)
     val_gt = coco_eval.ground_truth(val_records, len(categories)) if val_records else None
     return EfficientDetModule(bench, hp, val_gt, report)
 
@@ -298,25 +304,28 @@ def _callbacks(
     env: TrainingEnvironment, hp: Hyperparameters, checkpoint_dir: Path, fit_meta: dict[str, Any],
     has_validation: bool,
 ) -> tuple[Any, Any, list[Any]]:
+    """The epoch line, the choice of the best weights, checkpoints and early stopping."""
     import lightning as L
 
     from .checkpoints import ResumableCheckpoints
+    from .best_model import BestModel
     from .metrics_log import EpochSummary
 
     monitor = hp.monitor if has_validation else None
-    summary = EpochSummary(monitor, hp.epochs)
+    summary = EpochSummary(hp.epochs)
+    best = BestModel(monitor, summary)
     checkpoints = ResumableCheckpoints(
         checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta
     )
-    callbacks: list[Any] = [summary, checkpoints]
+    callbacks: list[Any] = [summary, best, checkpoints]
     if monitor and hp.early_stopping_patience > 0:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
-                monitor=monitor, mode=summary.mode, patience=hp.early_stopping_patience,
+                monitor=monitor, mode=best.mode, patience=hp.early_stopping_patience,
                 check_on_train_epoch_end=True,
             )
         )
-    return summary, checkpoints, callbacks
+    return best, checkpoints, callbacks
 
 
 def _trainer(
@@ -342,7 +351,7 @@ def _trainer(
         enable_progress_bar=sys.stdout.isatty(),
         enable_model_summary=False,
         callbacks=callbacks,
-        gradient_clip_val=10.0,
+        gradient_clip_val=hp.gradient_clip,
         limit_val_batches=1.0 if has_validation else 0,
         num_sanity_val_steps=0,
         benchmark=settings["accelerator"] == "gpu",
@@ -372,36 +381,36 @@ def _fit(
 
 
 def _write_artifacts(
-    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category], summary: Any,
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category], best: Any,
     report: DataReport, trainer: Any, layout: Layout, started: float,
 ) -> list[Path]:
-    if summary.best_state is None:
+    if best.best_state is None:
         raise UserInputError("training finished without a completed epoch; check the log above.")
     if layout.global_rank != 0:
         return []
-    bad = artifacts.non_finite_tensors(summary.best_state)
+    bad = artifacts.non_finite_tensors(best.best_state)
     if bad:
         raise UserInputError(
-            f"the weights of epoch {summary.best_epoch} hold non-finite values (NaN or infinity, "
+            f"the weights of epoch {best.best_epoch} hold non-finite values (NaN or infinity, "
             f"in {len(bad)} tensors such as {bad[0]}): training diverged, so no model was "
-            f"written; lower learning_rate (now {hp.learning_rate:g}) and use a new checkpoint "
+            f"written; lower learning_rate (now {hp.peak_learning_rate:g}) and use a new checkpoint "
             "location."
         )
     metadata = model_card.model_metadata(
-        hp, categories, summary, report, time.monotonic() - started, layout.world_size,
+        hp, categories, best, report, time.monotonic() - started, layout.world_size,
         backbone_normalization(BACKBONES[hp.backbone]), BACKBONES[hp.backbone], artifacts.WEIGHTS_FILE,
     )
     if hp.export_onnx:
-        written = write_model_with_onnx(env.paths.model_dir, summary.best_state, metadata, hp)
+        written = write_model_with_onnx(env.paths.model_dir, best.best_state, metadata, hp)
     else:
         written = artifacts.write_model(
-            env.paths.model_dir, summary.best_state, {**metadata, "onnx": None}
+            env.paths.model_dir, best.best_state, {**metadata, "onnx": None}
         )
-    monitor = summary.monitor
+    monitor = best.monitor
     log.info(
         "model written to %s (best epoch %s of %d%s)",
-        env.paths.model_dir, summary.best_epoch, trainer.current_epoch,
-        f", {monitor}={summary.best_score:.4f}" if monitor and summary.best_score is not None else "",
+        env.paths.model_dir, best.best_epoch, trainer.current_epoch,
+        f", {monitor}={best.best_score:.4f}" if monitor and best.best_score is not None else "",
     )
     return written
 

@@ -48,12 +48,24 @@ class EfficientDetModule(L.LightningModule):
         self.nonfinite_steps = 0
         # The backbone's own statistics (issue 13); model.json records the same ones.
         self.normalization = backbone_normalization(BACKBONES[hp.backbone])
+        # The moving average of the weights: a frozen copy updated after every optimiser step,
+        # registered as a submodule so that it moves with the module and lives in checkpoints.
+        self.ema = None
+        if hp.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(bench.model, decay=hp.ema_decay, use_warmup=True)
+            self.ema.requires_grad_(False)  # never a DDP parameter
+        self._ema_bench: list[torch.nn.Module] = []  # not a submodule: it shares self.ema's
+        self._frozen: bool | None = None
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         # uint8 from the loader; normalised here, on the device, as the server does.
         return normalize(images, self.normalization["mean"], self.normalization["std"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._frozen:  # Lightning may have switched every layer back to train mode
+            self.bench.model.backbone.eval()
         if not self._first_step_logged:
             self._first_step_logged = True
             import psutil
@@ -67,6 +79,37 @@ class EfficientDetModule(L.LightningModule):
         self.images_seen = 0
         self.images_skipped = 0
         self.batches_attempted = 0
+        self.set_backbone_frozen(self.current_epoch < self.hp.freeze_backbone_epochs)
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """While frozen the backbone's learning rate is 0 (see configure_optimizers) and its
+        batch norms keep their statistics; logged when it changes."""
+        if frozen:
+            self.bench.model.backbone.eval()
+        if frozen != self._frozen and (frozen or self._frozen is not None):
+            if frozen:
+                log.info("backbone frozen: epochs %d to %d train the FPN and heads only",
+                         self.current_epoch + 1, self.hp.freeze_backbone_epochs)
+            else:
+                log.info("backbone unfrozen: epoch %d on trains every layer", self.current_epoch + 1)
+        self._frozen = frozen
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.bench.model, step=self.global_step)
+
+    def eval_net(self) -> torch.nn.Module:
+        """The weights that are validated and become the model: the EMA's when it is on."""
+        return self.ema.module if self.ema is not None else self.bench.model
+
+    def eval_bench(self) -> torch.nn.Module:
+        if self.ema is None:
+            return self.bench
+        if not self._ema_bench:
+            from effdet import DetBenchTrain
+
+            self._ema_bench.append(DetBenchTrain(self.ema.module, create_labeler=True))
+        return self._ema_bench[0].to(self.device).train(self.bench.training)
 
     def count_skipped(self, batch: dict[str, Any]) -> None:
         for file_name, reason in batch["skipped"]:
@@ -111,7 +154,7 @@ class EfficientDetModule(L.LightningModule):
             raise UserInputError(
                 f"training diverged: the loss was not finite (NaN or infinity) for "
                 f"{NONFINITE_LIMIT} steps in a row, up to epoch {epoch} step {step}; lower "
-                f"learning_rate (now {self.hp.learning_rate:g}) and use a new checkpoint location."
+                f"learning_rate (now {self.hp.peak_learning_rate:g}) and use a new checkpoint location."
             )
         return False
 
@@ -123,7 +166,7 @@ class EfficientDetModule(L.LightningModule):
         self.count_skipped(batch)
         if batch["images"] is None:
             return
-        out = self.bench(self.normalise(batch["images"]), batch["targets"])
+        out = self.eval_bench()(self.normalise(batch["images"]), batch["targets"])
         self.log("valid_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=len(batch["images"]))
         detections = out["detections"].float().cpu().numpy()
@@ -151,25 +194,39 @@ class EfficientDetModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
-        decay, no_decay = [], []
-        for name, param in self.bench.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim <= 1 else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = parameter_groups(self.bench.model, hp.weight_decay)
+        lr = hp.peak_learning_rate
         fused = {"fused": True} if self.device.type == "cuda" else {}
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.learning_rate, momentum=hp.momentum,
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum,
                                         nesterov=hp.momentum > 0, **fused)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, **fused)
+            optimizer = torch.optim.AdamW(groups, lr=lr, **fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         per_epoch = total / max(self.trainer.max_epochs or 1, 1)
         schedule = lr_factor_fn(hp.lr_schedule, total, round(hp.warmup_epochs * per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Freezing as a learning rate of 0 for the backbone's groups rather than requires_grad:
+        # DDP fixes the set of parameters it synchronises when it wraps the model.
+        frozen_steps = round(hp.freeze_backbone_epochs * per_epoch)
+        frozen = lambda step: 0.0 if step < frozen_steps else schedule(step)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [frozen if g["backbone"] else schedule for g in groups]
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def parameter_groups(net: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Backbone and the rest (for freezing), each with and without weight decay (biases and
+    norms get none)."""
+    # The head's group first: the epoch line reports param_groups[0]'s learning rate.
+    groups = {(b, d): [] for b in (False, True) for d in (True, False)}
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            groups[(name.startswith("backbone."), param.ndim > 1)].append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "backbone": backbone}
+        for (backbone, decay), params in groups.items() if params
+    ]
 
 
 def lr_factor_fn(schedule: str, total_steps: int, warmup_steps: int):

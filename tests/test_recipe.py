@@ -1,0 +1,147 @@
+"""Starting points and the training recipe, through the real ./train: warm start from an earlier
+model, ImageNet backbone weights, freezing, EMA of the weights, SGD's defaults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tarfile
+
+import pytest
+import torch
+from conftest import FAST, REPO, failure_text, run_train, write_tree
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(REPO / "scripts"))
+from convert_efficientnet_lite0 import converted_state
+
+HEAD = "class_net.predict.conv_pw."
+ANCHORS = 9  # effdet's 3 scales x 3 aspect ratios
+
+
+def trained_weights(base):
+    return load_file(str(base / "model" / "model.safetensors"))
+
+
+def class_rows(tensor, num_classes):
+    """[anchors, classes, ...]: effdet orders the head's outputs anchors-major."""
+    return tensor.view(ANCHORS, num_classes, *tensor.shape[1:])
+
+
+@pytest.fixture(scope="module")
+def first_model(tmp_path_factory):
+    """One epoch from scratch with the defaults' EMA: the model the warm starts begin from."""
+    base = tmp_path_factory.mktemp("first") / "opt_ml"
+    write_tree(base, {**FAST, "val_fraction": "0.25"}, n_images=16)
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return base
+
+
+def test_ema_weights_differ_from_raw_and_are_the_model(first_model):
+    checkpoint = max((first_model / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    model = trained_weights(first_model)
+    raw = {k.removeprefix("bench.model."): v for k, v in state.items() if k.startswith("bench.model.")}
+    ema = {k.removeprefix("ema.module."): v for k, v in state.items() if k.startswith("ema.module.")}
+    assert set(ema) == set(model) == set(raw)
+    assert all(torch.equal(model[k], ema[k]) for k in model)
+    differ = [k for k in model if model[k].is_floating_point() and not torch.equal(model[k], raw[k])]
+    assert len(differ) > len(model) // 2
+
+
+def _model_channel(base, source):
+    channel = base / "input" / "data" / "model"
+    shutil.copytree(source / "model", channel)
+    return channel
+
+
+# The weights barely move (learning rate 1e-9, no EMA), so the model shows what was loaded.
+STILL = {**FAST, "learning_rate": "1e-9", "warmup_epochs": "0", "ema_decay": "0", "val_fraction": "0.25"}
+
+
+def test_warm_start_with_the_same_classes_keeps_every_weight(first_model, tmp_path):
+    base = write_tree(tmp_path / "opt_ml", STILL, n_images=16)
+    _model_channel(base, first_model)
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "classes kept 3 (rectangle, ellipse, triangle), new 0 (-), dropped 0 (-)" in result.stdout
+    before, after = trained_weights(first_model), trained_weights(base)
+    convs = [k for k in before if k.endswith(".weight") and before[k].ndim == 4]
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in convs)
+
+
+def test_warm_start_from_model_tar_gz_with_a_class_added(first_model, tmp_path):
+    base = write_tree(tmp_path / "opt_ml", STILL, n_images=16)
+    annotations = base / "input" / "data" / "training" / "annotations.json"
+    coco = json.loads(annotations.read_text())
+    coco["categories"].append({"id": 20, "name": "star"})
+    for annotation in coco["annotations"][::3]:
+        annotation["category_id"] = 20
+    annotations.write_text(json.dumps(coco))
+    channel = base / "input" / "data" / "model"
+    channel.mkdir(parents=True)
+    with tarfile.open(channel / "model.tar.gz", "w:gz") as tar:
+        for name in ("model.json", "model.safetensors", "inference.py"):
+            tar.add(first_model / "model" / name, arcname=name)
+
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "classes kept 3 (rectangle, ellipse, triangle), new 1 (star), dropped 0 (-)" in result.stdout
+    assert "model.tar.gz" in result.stdout
+    meta = json.loads((base / "model" / "model.json").read_text())
+    assert [c["name"] for c in meta["classes"]] == ["rectangle", "ellipse", "triangle", "star"]
+    before, after = trained_weights(first_model), trained_weights(base)
+    old = class_rows(before[HEAD + "weight"], 3)
+    new = class_rows(after[HEAD + "weight"], 4)
+    assert torch.allclose(new[:, :3], old, atol=1e-6)  # the known classes' rows, every anchor
+    assert not torch.allclose(new[:, 3], old[:, 2], atol=1e-3)  # star starts fresh
+
+
+def test_warm_start_from_another_backbone_is_refused(first_model, tmp_path):
+    base = write_tree(tmp_path / "opt_ml", {**FAST, "backbone": "tf_lite1"}, n_images=4)
+    _model_channel(base, first_model)
+    result = run_train(base)
+    assert result.returncode != 0
+    reason = failure_text(base)
+    assert "trained with backbone 'tf_lite0', but this job's backbone is 'tf_lite1'" in reason
+    assert "set backbone to 'tf_lite0' or remove the 'model' channel" in reason
+    assert not (base / "model" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    """ImageNet EfficientNet-Lite0 weights under timm's names, as a user would prepare them."""
+    path = tmp_path_factory.mktemp("imagenet") / "tf_efficientnet_lite0.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(converted_state(), str(path))
+    return path
+
+
+def test_backbone_weights_from_a_channel_and_a_frozen_backbone(backbone_file, tmp_path):
+    """pretrained=backbone: every backbone tensor from the file, none in the heads; frozen for
+    the (only) epoch, so the backbone the model holds is exactly the file's (the EMA of an
+    unchanged weight is that weight)."""
+    base = write_tree(
+        tmp_path / "opt_ml",
+        {**FAST, "pretrained": "backbone", "freeze_backbone_epochs": "1", "val_fraction": "0.25"},
+        n_images=16,
+    )
+    channel = base / "input" / "data" / "pretrained"
+    channel.mkdir(parents=True)
+    shutil.copy(backbone_file, channel)
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "(240 of 240 backbone tensors as timm's tf_efficientnet_lite0" in result.stdout
+    assert "backbone frozen: epochs 1 to 1 train the FPN and heads only" in result.stdout
+
+    imagenet = load_file(str(backbone_file))
+    model = trained_weights(base)
+    backbone = {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
+    loaded = [k for k in backbone if not k.endswith("num_batches_tracked")]
+    assert len(loaded) == 240 and all(torch.equal(backbone[k], imagenet[k]) for k in loaded)
+    heads = [k for k in model if not k.startswith("backbone.")]
+    assert heads and not any(k.removeprefix("backbone.") in imagenet for k in heads)
+
