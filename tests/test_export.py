@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, model_files, run_train, write_tree
-from PIL import Image
 
 from sm_effdet import artifacts
 from sm_effdet.export import OnnxEfficientDet
-from sm_effdet.inference import load_model, preprocess
+from sm_effdet import preprocessing
+from sm_effdet.inference import infer, load_model, preprocess
 
 RACCOON_IMAGES = Path("/work/shared/data/raccoon/images")
 # Detections compared: those PyTorch scores above this (an untrained-looking 1-epoch model
@@ -54,14 +54,11 @@ def _images(base: Path, tmp_path: Path) -> list[Path]:
 
 
 def _detections(bench: torch.nn.Module, meta: dict, path: Path) -> torch.Tensor:
-    with Image.open(path) as image:
-        tensor, img_scale, (width, height) = preprocess(image, meta)
-    info = {
-        "img_scale": torch.tensor([img_scale]),
-        "img_size": torch.tensor([[width, height]], dtype=torch.float32),
-    }
+    """effdet rows [x1, y1, x2, y2, score, label] for one image, through the shared preprocessing."""
+    array, size = preprocessing.decode_image(path, meta["img_size"])
+    batch, _ = preprocess([array], meta)
     with torch.no_grad():
-        return bench(tensor, info)[0]
+        return torch.from_numpy(infer(bench, meta, batch, [size])[0])
 
 
 def test_onnx_runtime_detections_match_pytorch(trained, tmp_path):
@@ -117,3 +114,33 @@ def test_a_later_model_without_onnx_removes_the_earlier_onnx(tmp_path):
     assert (model_dir / artifacts.ONNX_FILE).read_bytes() == b"first model's network"
     artifacts.write_model(model_dir, state, {"onnx": None}, [])
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(artifacts.MODEL_FILES)
+
+
+def test_serve_runs_model_onnx_with_the_same_detections(trained, tmp_path):
+    """SERVE_BACKEND=onnx and auto (on CPU with model.onnx: ONNX Runtime) answer as torch does."""
+    from test_serve import Server
+
+    base, _ = trained
+    image = sorted((base / "input" / "data" / "training" / "images").glob("*.jpg"))[0].read_bytes()
+    attrs = {"X-Amzn-SageMaker-Custom-Attributes": f"score_threshold={MIN_SCORE}"}
+    answers = {}
+    for backend in ("torch", "onnx", "auto"):
+        server = Server(base, tmp_path / f"serve-{backend}.log", SERVE_BACKEND=backend)
+        try:
+            response = server.post(image, **attrs)
+            assert response.status_code == 200, response.text
+            answers[backend] = response.json()
+        finally:
+            server.stop()
+        log = (tmp_path / f"serve-{backend}.log").read_text()
+        expected = "onnx" if backend == "auto" else backend
+        assert f"backend {expected} on cpu" in log, log[-2000:]
+    want = answers["torch"]["predictions"][0]["detections"]
+    for backend in ("onnx", "auto"):
+        got = answers[backend]["predictions"][0]["detections"]
+        keep = max(len(want) - 2, 0)  # the last rows may trade places with the first rows dropped
+        assert keep > 0
+        for a, b in zip(want[:keep], got[:keep]):
+            assert a["category_id"] == b["category_id"]
+            assert max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 1.0
+            assert abs(a["score"] - b["score"]) <= 1e-3

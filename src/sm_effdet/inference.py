@@ -18,6 +18,7 @@ and padding fill that model.json records, so a model predicts as it was trained.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ def infer(
 ) -> list[Any]:
     """uint8 NCHW at img_size -> effdet rows [x1, y1, x2, y2, score, label] per image, in pixels."""
     mean, std, _ = preprocessing.normalization_from_card(card)
-    device = next(model.parameters()).device
+    # Buffers too: with ONNX Runtime as the network the bench keeps only its anchors.
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     info = preprocessing.prediction_info(sizes, card["img_size"], device)
     inputs = preprocessing.normalize(batch.to(device), mean, std)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
