@@ -12,6 +12,11 @@ Not a pass/fail test: it prints figures.
    model alone on synthetic tensors already on the device.
 4. time from process start to the first training step of ./train, for the demo dataset and
    the COCO-scale JSON.
+5. COCO evaluation: the job's evaluator (faster-coco-eval) against pycocotools on the same
+   generated detections (5,000 images, 100 detections each, 80 classes), and the largest
+   difference of the 12 numbers.
+6. TensorBoard: ./train's epoch time on the demo dataset with `tensorboard` on against off,
+   runs alternated in the same bench run (median over the epochs after the first).
 """
 
 from __future__ import annotations
@@ -299,6 +304,89 @@ def first_step(base: Path, label: str) -> str:
     return f"  {label}: first training step {seconds} s after the process started"
 
 
+def generated_detections(n_images: int, per_image: int, classes: int, seed: int = 0):
+    """COCO ground truth (1-15 boxes per image) and result rows: noisy copies of the boxes,
+    some with the wrong class, with random scores (so that AP is neither 0 nor 1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images, annotations, rows = [], [], []
+    for i in range(n_images):
+        images.append({"id": i, "width": 640, "height": 480})
+        n = int(rng.integers(1, 16))
+        xy, wh = rng.uniform(0, 500, (n, 2)), rng.uniform(4, 200, (n, 2))
+        labels = rng.integers(1, classes + 1, n)
+        for b in range(n):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(labels[b]),
+                                "bbox": [*xy[b], *wh[b]], "area": float(wh[b].prod()), "iscrowd": 0})
+        source = rng.integers(0, n, per_image)
+        box = np.concatenate([xy[source], wh[source]], 1) + rng.normal(0, 8, (per_image, 4))
+        box[:, 2:] = np.abs(box[:, 2:]) + 1
+        label = np.where(rng.random(per_image) < 0.8, labels[source],
+                         rng.integers(1, classes + 1, per_image))
+        rows.append(np.column_stack([np.full(per_image, i), box, rng.random(per_image), label]))
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": c} for c in range(1, classes + 1)]}
+    return gt, np.concatenate(rows).astype(np.float32)
+
+
+def evaluation(n_images: int) -> list[str]:
+    from sm_effdet import coco_eval
+
+    gt, results = generated_detections(n_images, 100, 80)
+    seconds, stats = {}, {}
+    for evaluator in ("faster-coco-eval", "pycocotools"):
+        started = time.perf_counter()
+        stats[evaluator] = coco_eval.evaluate(gt, results, evaluator).stats
+        seconds[evaluator] = time.perf_counter() - started
+    diff = max(abs((stats["faster-coco-eval"][k] or 0) - (stats["pycocotools"][k] or 0))
+               for k in coco_eval.STAT_NAMES)
+    started = time.perf_counter()
+    analysis = coco_eval.analyse_at_iou(gt, results)
+    threshold, _ = coco_eval.best_f1_threshold(analysis)
+    coco_eval.confusion_matrix(gt, results, threshold)
+    extra = time.perf_counter() - started
+    fast, slow = seconds["faster-coco-eval"], seconds["pycocotools"]
+    return [
+        f"  {n_images} images x 100 detections, 80 classes: faster-coco-eval {fast:.2f} s, "
+        f"pycocotools {slow:.2f} s = {slow / fast:.1f}x; largest difference of the 12 numbers {diff:.1e}",
+        f"  end of job only: IoU-0.5 matching, best-F1 threshold and confusion matrix {extra:.2f} s "
+        f"(AP {stats['faster-coco-eval']['AP']:.3f})",
+    ]
+
+
+def epoch_times(base: Path, tensorboard: bool) -> list[float]:
+    config = base / "input" / "config" / "hyperparameters.json"
+    hyperparameters = json.loads(config.read_text())
+    config.write_text(json.dumps({**hyperparameters, "tensorboard": str(tensorboard).lower()}))
+    for leftover in ("checkpoints", "model", "output"):  # each run from scratch, not resumed
+        subprocess.run(["rm", "-rf", str(base / leftover)], check=True)
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "HTTPS_PROXY": "http://127.0.0.1:9"}
+    out = subprocess.run([sys.executable, str(REPO / "train")], env=env, capture_output=True,
+                         text=True, timeout=3600)
+    times = [float(t) for t in re.findall(r"\bepoch=\d+/\d+ .*\bepoch_time=([0-9.]+)", out.stdout)]
+    if out.returncode or not times:
+        raise RuntimeError(f"./train failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    return times[1:] or times  # the first epoch also starts the workers
+
+
+def tensorboard_cost(work: Path, epochs: int, repeats: int) -> list[str]:
+    import statistics
+
+    from sm_effdet.demo import DEMO_HYPERPARAMETERS, make_tree
+
+    base = make_tree(work / "tb-tree", hyperparameters={**DEMO_HYPERPARAMETERS, "epochs": str(epochs)})
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):  # alternated, so that a slow spell of the machine hits both
+        for tensorboard in (False, True):
+            times[tensorboard] += epoch_times(base, tensorboard)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return [
+        f"  demo dataset, {epochs} epochs x {repeats} runs each: epoch time with TensorBoard "
+        f"{on:.2f} s, without {off:.2f} s = {100 * (on / off - 1):+.1f}% (goal within 2%)"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -307,6 +395,10 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--eval-images", type=int, default=5_000)
+    parser.add_argument("--tb-epochs", type=int, default=4)
+    parser.add_argument("--tb-repeats", type=int, default=2)
+    parser.add_argument("--only", type=int, nargs="*", help="run only these sections (1-6)")
     args = parser.parse_args()
     if args.child:
         name, *rest = args.child
@@ -322,27 +414,42 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     print(f"sm-effdet benchmark on {os.cpu_count()} CPUs, "
           f"{torch.cuda.get_device_name() if gpu else 'no GPU'}, torch {torch.__version__}")
+    def wanted(section: int) -> bool:
+        return not args.only or section in args.only
+
     with tempfile.TemporaryDirectory(prefix="sm-effdet-bench-") as tmp:
         work = Path(tmp)
-        print("1. start-up at COCO scale")
-        channel, lines = startup(work, args.images, args.boxes, args.icevision_images)
-        print("\n".join(lines), flush=True)
-        print("2. input pipeline, 512 px, batch 16, one process")
-        print("\n".join(input_pipeline(work, args.pipeline_images, 16)), flush=True)
-        print("3. end to end")
-        size, batch = (512, 16) if gpu else (256, 8)
-        print("\n".join(end_to_end(work, size, batch, args.steps)), flush=True)
-        print("4. process start to first training step (./train)")
-        from sm_effdet.demo import DEMO_HYPERPARAMETERS, make_tree
+        channel = None
+        if wanted(1):
+            print("1. start-up at COCO scale")
+            channel, lines = startup(work, args.images, args.boxes, args.icevision_images)
+            print("\n".join(lines), flush=True)
+        if wanted(2):
+            print("2. input pipeline, 512 px, batch 16, one process")
+            print("\n".join(input_pipeline(work, args.pipeline_images, 16)), flush=True)
+        if wanted(3):
+            print("3. end to end")
+            size, batch = (512, 16) if gpu else (256, 8)
+            print("\n".join(end_to_end(work, size, batch, args.steps)), flush=True)
+        if wanted(4):
+            print("4. process start to first training step (./train)")
+            from sm_effdet.demo import DEMO_HYPERPARAMETERS, make_tree
 
-        demo = make_tree(work / "demo-tree")
-        print(first_step(demo, "demo dataset (80 images)"), flush=True)
-        coco_base = channel.parents[2]
-        config = coco_base / "input" / "config"
-        config.mkdir(parents=True, exist_ok=True)
-        (config / "hyperparameters.json").write_text(json.dumps(
-            {**DEMO_HYPERPARAMETERS, "val_fraction": "0.01", "num_workers": "auto"}))
-        print(first_step(coco_base, f"COCO-scale JSON ({args.images} images)"), flush=True)
+            demo = make_tree(work / "demo-tree")
+            print(first_step(demo, "demo dataset (80 images)"), flush=True)
+            if channel is not None:
+                coco_base = channel.parents[2]
+                config = coco_base / "input" / "config"
+                config.mkdir(parents=True, exist_ok=True)
+                (config / "hyperparameters.json").write_text(json.dumps(
+                    {**DEMO_HYPERPARAMETERS, "val_fraction": "0.01", "num_workers": "auto"}))
+                print(first_step(coco_base, f"COCO-scale JSON ({args.images} images)"), flush=True)
+        if wanted(5):
+            print("5. COCO evaluation: the job's evaluator against pycocotools, same detections")
+            print("\n".join(evaluation(args.eval_images)), flush=True)
+        if wanted(6):
+            print("6. TensorBoard on against off (./train)")
+            print("\n".join(tensorboard_cost(work, args.tb_epochs, args.tb_repeats)), flush=True)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     from .lightning_module import EfficientDetModule
     from .metrics_log import EpochSummary
     from .model import build_model
+    from .report import BestEvaluation, TrainingScalars, tensorboard_logger
     from .transforms import eval_transform, train_transform
 
     L.seed_everything(hp.seed, workers=True, verbose=False)
@@ -216,7 +217,14 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     checkpoints = ResumableCheckpoints(
         checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta
     )
-    callbacks: list[Any] = [summary, checkpoints]
+    # Order matters at epoch end: the summary picks the best epoch, BestEvaluation keeps its
+    # detections, then the checkpoint is written with both.
+    best_evaluation = BestEvaluation(summary)
+    callbacks: list[Any] = [summary, best_evaluation, checkpoints]
+    # On every rank (Lightning writes on global rank 0 only; ranks must agree on the logger)
+    logger = tensorboard_logger(env.paths.tensorboard_dir) if hp.tensorboard else False
+    if logger:
+        callbacks.append(TrainingScalars())
     if monitor and hp.early_stopping_patience > 0:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
@@ -245,7 +253,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             strategy=strategy,
             max_epochs=hp.epochs,
             precision=precision,
-            logger=False,
+            logger=logger,
             enable_checkpointing=False,
             enable_progress_bar=sys.stdout.isatty(),
             enable_model_summary=False,
@@ -279,13 +287,38 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     metadata = model_metadata(
         hp, categories, summary, report, time.monotonic() - started, layout.world_size
     )
+    outcome = _summarise_best(best_evaluation, val_gt, categories, metadata)
     written = artifacts.write_model(env.paths.model_dir, summary.best_state, metadata)
     log.info(
         "model written to %s (best epoch %s of %d%s)",
         env.paths.model_dir, summary.best_epoch, trainer.current_epoch,
         f", {monitor}={summary.best_score:.4f}" if monitor and summary.best_score is not None else "",
     )
+    from .report import REPORT_DIR, write_report
+
+    write_report(
+        env.paths.output_data_dir / REPORT_DIR, outcome, categories, train_records, val_records,
+        report, hp.to_dict(), summary.history, summary.best_epoch, logger or None,
+    )
     return written
+
+
+def _summarise_best(best_evaluation: Any, val_gt: Any, categories: Any, metadata: dict) -> Any:
+    """The best epoch's per-class table (logged) and numbers (into model.json); an error here
+    is logged and leaves them out rather than failing a job that trained."""
+    from . import report as report_module
+
+    try:
+        outcome = report_module.summarise_best(best_evaluation, val_gt, categories)
+    except Exception:
+        log.exception("could not evaluate the best epoch's detections for the report")
+        return None
+    report_module.add_to_model_card(metadata, outcome)
+    if outcome is not None:
+        log.info("best epoch %d per class (validation, IoU 0.5:0.95 and 0.5):\n%s\nrecommended "
+                 "score threshold %.4f (best F1 %.3f at IoU 0.5)", outcome.epoch,
+                 report_module.per_class_table(outcome), outcome.threshold, outcome.f1)
+    return outcome
 
 
 def resplit(
