@@ -146,6 +146,7 @@ def test_json_encoded_hyperparameters_and_validation_channel(tmp_path):
             "monitor": "valid_loss",
             "num_workers": 0,
             "num_classes": 4,
+            "tensorboard": False,
         }.items()
     }
     base = write_tree(tmp_path / "opt_ml", hyperparameters, n_images=12, validation_images=6)
@@ -155,6 +156,9 @@ def test_json_encoded_hyperparameters_and_validation_channel(tmp_path):
     assert meta["data"] == {"how": "validation channel", "train": 12, "val": 6}
     assert meta["monitor"] == "valid_loss"
     assert meta["hyperparameters"]["optimizer"] == "sgd" and meta["hyperparameters"]["augment"] is False
+    # tensorboard false: no events; the report is written all the same
+    assert not (base / "output" / "tensorboard").exists()
+    assert (base / "output" / "data" / "report" / "index.html").exists()
 
 
 def test_pretrained_weights_from_a_channel(tmp_path):

@@ -188,7 +188,7 @@ def per_class_table(outcome: BestOutcome) -> str:
     width = max([len("class")] + [len(str(row["name"])) for row in outcome.per_class])
     lines = [f"{'class':<{width}}  {'id':>6}  {'AP':>6}  {'AP50':>6}  {'boxes':>6}"]
     for row in outcome.per_class:
-        lines.append(f"{str(row['name']):<{width}}  {str(row['id']):>6}  {cell(row['AP']):>6}  "
+        lines.append(f"{row['name']!s:<{width}}  {row['id']!s:>6}  {cell(row['AP']):>6}  "
                      f"{cell(row['AP50']):>6}  {row['boxes']:>6}")
     stats = outcome.evaluation.stats
     lines.append(f"{'all':<{width}}  {'':>6}  {cell(stats['AP']):>6}  {cell(stats['AP50']):>6}  "
@@ -341,7 +341,7 @@ def draw_mosaic(records: list[ImageRecord], outcome: BestOutcome, names: list[st
     recommended threshold in red, each with its class name; an RGB uint8 array."""
     from PIL import Image, ImageDraw
 
-    from .data import load_image
+    from .data import ImageLoadError, load_image
 
     chosen = list(range(min(MOSAIC_IMAGES, len(records))))
     columns = min(4, max(len(chosen), 1))
@@ -352,7 +352,7 @@ def draw_mosaic(records: list[ImageRecord], outcome: BestOutcome, names: list[st
         record = records[index]
         try:
             pixels, _ = load_image(record)
-        except Exception as exc:  # an unreadable image leaves its tile empty
+        except ImageLoadError as exc:  # an unreadable image leaves its tile empty
             log.warning("report mosaic: %s", exc)
             continue
         scale = MOSAIC_TILE / max(record.width, record.height)
