@@ -90,6 +90,10 @@ def test_metric_definitions_match_the_log(trained):
             for line in result.stdout.splitlines()
             if (m := re.search(definition["Regex"], line))
         ]
+        if definition["Name"] == "validation:mAP_small":
+            # The demo shapes are all 32x32 px or larger: COCO has no small AP, the line omits it.
+            assert values == [], (definition, result.stdout[-2000:])
+            continue
         assert len(values) == 2, (definition, result.stdout[-2000:])
     by_name = {d["Name"]: d["Regex"] for d in definitions}
     assert {name for name, _ in METRICS} == set(by_name)
