@@ -20,7 +20,14 @@ Not a pass/fail test: it prints figures.
 7. anchor labelling: a training step with effdet's per-image labelling inside the step against
    one with the labels made beforehand (as effdet's own trainer does in its loader workers).
 
-`--sections 5` runs only the serving part; `--serve-requests`/`--rss-requests` shorten it.
+8. COCO evaluation: the job's evaluator (faster-coco-eval) against pycocotools on the same
+   generated detections (5,000 images, 100 detections each, 80 classes), and the largest
+   difference of the 12 numbers.
+9. TensorBoard: ./train's epoch time on the demo dataset with `tensorboard` on against off,
+   runs alternated in the same bench run (median over the epochs after the first).
+
+`--sections 5` runs only the serving part (any list, e.g. `--sections 8,9`);
+`--serve-requests`/`--rss-requests`, `--eval-images` and `--tb-epochs`/`--tb-repeats` shorten them.
 """
 
 from __future__ import annotations
@@ -513,6 +520,89 @@ def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     return lines
 
 
+def generated_detections(n_images: int, per_image: int, classes: int, seed: int = 0):
+    """COCO ground truth (1-15 boxes per image) and result rows: noisy copies of the boxes,
+    some with the wrong class, with random scores (so that AP is neither 0 nor 1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images, annotations, rows = [], [], []
+    for i in range(n_images):
+        images.append({"id": i, "width": 640, "height": 480})
+        n = int(rng.integers(1, 16))
+        xy, wh = rng.uniform(0, 500, (n, 2)), rng.uniform(4, 200, (n, 2))
+        labels = rng.integers(1, classes + 1, n)
+        for b in range(n):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(labels[b]),
+                                "bbox": [*xy[b], *wh[b]], "area": float(wh[b].prod()), "iscrowd": 0})
+        source = rng.integers(0, n, per_image)
+        box = np.concatenate([xy[source], wh[source]], 1) + rng.normal(0, 8, (per_image, 4))
+        box[:, 2:] = np.abs(box[:, 2:]) + 1
+        label = np.where(rng.random(per_image) < 0.8, labels[source],
+                         rng.integers(1, classes + 1, per_image))
+        rows.append(np.column_stack([np.full(per_image, i), box, rng.random(per_image), label]))
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": c} for c in range(1, classes + 1)]}
+    return gt, np.concatenate(rows).astype(np.float32)
+
+
+def evaluation(n_images: int) -> list[str]:
+    from sm_effdet import coco_eval
+
+    gt, results = generated_detections(n_images, 100, 80)
+    seconds, stats = {}, {}
+    for evaluator in ("faster-coco-eval", "pycocotools"):
+        started = time.perf_counter()
+        stats[evaluator] = coco_eval.evaluate(gt, results, evaluator).stats
+        seconds[evaluator] = time.perf_counter() - started
+    diff = max(abs((stats["faster-coco-eval"][k] or 0) - (stats["pycocotools"][k] or 0))
+               for k in coco_eval.STAT_NAMES)
+    started = time.perf_counter()
+    analysis = coco_eval.analyse_at_iou(gt, results)
+    threshold, _ = coco_eval.best_f1_threshold(analysis)
+    coco_eval.confusion_matrix(gt, results, threshold)
+    extra = time.perf_counter() - started
+    fast, slow = seconds["faster-coco-eval"], seconds["pycocotools"]
+    return [
+        f"  {n_images} images x 100 detections, 80 classes: faster-coco-eval {fast:.2f} s, "
+        f"pycocotools {slow:.2f} s = {slow / fast:.1f}x; largest difference of the 12 numbers {diff:.1e}",
+        f"  end of job only: IoU-0.5 matching, best-F1 threshold and confusion matrix {extra:.2f} s "
+        f"(AP {stats['faster-coco-eval']['AP']:.3f})",
+    ]
+
+
+def epoch_times(base: Path, tensorboard: bool) -> list[float]:
+    config = base / "input" / "config" / "hyperparameters.json"
+    hyperparameters = json.loads(config.read_text())
+    config.write_text(json.dumps({**hyperparameters, "tensorboard": str(tensorboard).lower()}))
+    for leftover in ("checkpoints", "model", "output"):  # each run from scratch, not resumed
+        subprocess.run(["rm", "-rf", str(base / leftover)], check=True)
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "HTTPS_PROXY": "http://127.0.0.1:9"}
+    out = subprocess.run([sys.executable, str(REPO / "train")], env=env, capture_output=True,
+                         text=True, timeout=3600)
+    times = [float(t) for t in re.findall(r"\bepoch=\d+/\d+ .*\bepoch_time=([0-9.]+)", out.stdout)]
+    if out.returncode or not times:
+        raise RuntimeError(f"./train failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    return times[1:] or times  # the first epoch also starts the workers
+
+
+def tensorboard_cost(work: Path, epochs: int, repeats: int) -> list[str]:
+    import statistics
+
+    from sm_effdet.demo import DEMO_HYPERPARAMETERS, make_tree
+
+    base = make_tree(work / "tb-tree", hyperparameters={**DEMO_HYPERPARAMETERS, "epochs": str(epochs)})
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):  # alternated, so that a slow spell of the machine hits both
+        for tensorboard in (False, True):
+            times[tensorboard] += epoch_times(base, tensorboard)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return [
+        f"  demo dataset, {epochs} epochs x {repeats} runs each: epoch time with TensorBoard "
+        f"{on:.2f} s, without {off:.2f} s = {100 * (on / off - 1):+.1f}% (goal within 2%)"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -521,11 +611,14 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7", help="which parts to run, e.g. 5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="which parts to run, e.g. 5")
     parser.add_argument("--serve-requests", type=int, default=400)
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--onnx-img-size", type=int, default=512)
     parser.add_argument("--onnx-rounds", type=int, default=3)
+    parser.add_argument("--eval-images", type=int, default=5_000)
+    parser.add_argument("--tb-epochs", type=int, default=4)
+    parser.add_argument("--tb-repeats", type=int, default=2)
     args = parser.parse_args()
     if args.child:
         name, *rest = args.child
@@ -544,7 +637,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sm-effdet-bench-") as tmp:
         work = Path(tmp)
         sections = {int(x) for x in args.sections.split(",")}
-        if sections & {1, 4}:
+        channel = None
+        if 1 in sections:
             print("1. start-up at COCO scale")
             channel, lines = startup(work, args.images, args.boxes, args.icevision_images)
             print("\n".join(lines), flush=True)
@@ -561,12 +655,13 @@ def main() -> None:
 
             demo = make_tree(work / "demo-tree")
             print(first_step(demo, "demo dataset (80 images)"), flush=True)
-            coco_base = channel.parents[2]
-            config = coco_base / "input" / "config"
-            config.mkdir(parents=True, exist_ok=True)
-            (config / "hyperparameters.json").write_text(json.dumps(
-                {**DEMO_HYPERPARAMETERS, "val_fraction": "0.01", "num_workers": "auto"}))
-            print(first_step(coco_base, f"COCO-scale JSON ({args.images} images)"), flush=True)
+            if channel is not None:  # the COCO-scale JSON of section 1
+                coco_base = channel.parents[2]
+                config = coco_base / "input" / "config"
+                config.mkdir(parents=True, exist_ok=True)
+                (config / "hyperparameters.json").write_text(json.dumps(
+                    {**DEMO_HYPERPARAMETERS, "val_fraction": "0.01", "num_workers": "auto"}))
+                print(first_step(coco_base, f"COCO-scale JSON ({args.images} images)"), flush=True)
         if 5 in sections:
             print("5. serving on CPU, tf_lite0 at 256 px, 640x480 JPEGs")
             print("\n".join(serving(work, args.serve_requests, args.rss_requests)), flush=True)
@@ -576,6 +671,12 @@ def main() -> None:
         if 7 in sections:
             print("7. anchor labelling: in the step (effdet's training bench) or in the loader workers")
             print("\n".join(anchor_labelling(256, 8, args.steps)), flush=True)
+        if 8 in sections:
+            print("8. COCO evaluation: the job's evaluator against pycocotools, same detections")
+            print("\n".join(evaluation(args.eval_images)), flush=True)
+        if 9 in sections:
+            print("9. TensorBoard on against off (./train)")
+            print("\n".join(tensorboard_cost(work, args.tb_epochs, args.tb_repeats)), flush=True)
 
 
 def onnx_vs_pytorch(img_size: int, rounds: int) -> str:

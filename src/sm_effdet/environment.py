@@ -63,6 +63,11 @@ class Paths:
         return self.output_dir / "data"
 
     @property
+    def tensorboard_dir(self) -> Path:
+        # Where SageMaker's TensorBoardOutputConfig (LocalPath) uploads from while the job runs.
+        return self.output_dir / "tensorboard"
+
+    @property
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
 

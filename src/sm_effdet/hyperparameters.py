@@ -293,6 +293,10 @@ class Hyperparameters:
         15.0, _as_float, "write a resumable checkpoint this often within an epoch (one is "
         "written after every epoch and when the job is stopped); 0 is only then", _between(0),
     )
+    tensorboard: bool = _spec(
+        True, _as_bool, "write TensorBoard events to output/tensorboard (scalars and the "
+        "prediction mosaic)",
+    )
     num_classes: int | None = _spec(
         None, _as_int, "optional check: number of categories, or that plus one (background)",
         _between(1), optional=True,

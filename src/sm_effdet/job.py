@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     train_loader, val_loader = _loaders(hp, settings, train_records, val_records)
     stops.start_up("building the model")
     module = _model(env, hp, categories, val_records, report, resumed=resume_path is not None)
-    best, checkpoints, callbacks = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records))
+    run = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records))
     log.info(
         "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
         "all), %d epochs, %s precision on %s, %d loader workers per process; best model by %s; "
@@ -174,12 +175,12 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
         hp.backbone, hp.img_size, len(train_records), len(val_records), hp.batch_size,
         hp.batch_size * layout.world_size, hp.epochs, settings["precision"],
         settings["accelerator"], settings["workers"],
-        best.monitor or "last epoch (no validation set)", checkpoint_dir,
+        run.best.monitor or "last epoch (no validation set)", checkpoint_dir,
     )
     with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
-        trainer = _trainer(settings, hp, layout, callbacks, val_loader is not None, scratch)
+        trainer = _trainer(settings, hp, layout, run, val_loader is not None, scratch)
         try:
-            _fit(trainer, module, train_loader, val_loader, resume_path, checkpoints)
+            _fit(trainer, module, train_loader, val_loader, resume_path, run.checkpoints)
         finally:  # images skipped while training are counted, even when training failed
             if layout.global_rank == 0:
                 report.write(env.paths.output_data_dir / REPORT_FILE)
@@ -187,7 +188,12 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
                 log.info(report.summary())
     # Training is over: a stop from here on lets the model be written whole (stops.py).
     stops.finishing()
-    return _write_artifacts(env, hp, categories, best, report, trainer, layout, started)
+    written, outcome = _write_artifacts(
+        env, hp, categories, run, module.val_gt, report, trainer, layout, started
+    )
+    if layout.global_rank == 0:
+        _write_report(env, hp, categories, train_records, val_records, report, run, outcome)
+    return written
 
 
 def _report_data(
@@ -300,16 +306,28 @@ def _model(
     return EfficientDetModule(bench, hp, val_gt, report)
 
 
+@dataclass
+class TrainingCallbacks:
+    """What watches the training: the Trainer's callbacks and logger, and the ones read after."""
+
+    best: Any  # best_model.BestModel: the best epoch and its weights
+    best_evaluation: Any  # report.BestEvaluation: the best epoch's validation detections
+    checkpoints: Any  # checkpoints.ResumableCheckpoints
+    logger: Any  # Lightning's TensorBoardLogger, or False
+    all: list[Any]
+
+
 def _callbacks(
     env: TrainingEnvironment, hp: Hyperparameters, checkpoint_dir: Path, fit_meta: dict[str, Any],
     has_validation: bool,
-) -> tuple[Any, Any, list[Any]]:
-    """The epoch line, the choice of the best weights, checkpoints and early stopping."""
+) -> TrainingCallbacks:
+    """The epoch line, the choice of the best weights, checkpoints, TensorBoard, early stopping."""
     import lightning as L
 
-    from .checkpoints import ResumableCheckpoints
     from .best_model import BestModel
+    from .checkpoints import ResumableCheckpoints
     from .metrics_log import EpochSummary
+    from .report import BestEvaluation, TrainingScalars, tensorboard_logger
 
     monitor = hp.monitor if has_validation else None
     summary = EpochSummary(hp.epochs)
@@ -317,7 +335,14 @@ def _callbacks(
     checkpoints = ResumableCheckpoints(
         checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta
     )
-    callbacks: list[Any] = [summary, best, checkpoints]
+    # Order matters at epoch end: the epoch line, the choice of the best weights, the best
+    # epoch's detections (for the report), then the checkpoint that holds them all.
+    best_evaluation = BestEvaluation(best)
+    callbacks: list[Any] = [summary, best, best_evaluation, checkpoints]
+    # On every rank (Lightning writes on global rank 0 only; ranks must agree on the logger).
+    logger = tensorboard_logger(env.paths.tensorboard_dir) if hp.tensorboard else False
+    if logger:
+        callbacks.append(TrainingScalars())
     if monitor and hp.early_stopping_patience > 0:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
@@ -325,11 +350,11 @@ def _callbacks(
                 check_on_train_epoch_end=True,
             )
         )
-    return best, checkpoints, callbacks
+    return TrainingCallbacks(best, best_evaluation, checkpoints, logger, callbacks)
 
 
 def _trainer(
-    settings: dict[str, Any], hp: Hyperparameters, layout: Layout, callbacks: list[Any],
+    settings: dict[str, Any], hp: Hyperparameters, layout: Layout, run: TrainingCallbacks,
     has_validation: bool, scratch: str,
 ) -> Any:
     import lightning as L
@@ -346,11 +371,11 @@ def _trainer(
         strategy=strategy,
         max_epochs=hp.epochs,
         precision=settings["precision"],
-        logger=False,
+        logger=run.logger,
         enable_checkpointing=False,
         enable_progress_bar=sys.stdout.isatty(),
         enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=run.all,
         gradient_clip_val=hp.gradient_clip,
         limit_val_batches=1.0 if has_validation else 0,
         num_sanity_val_steps=0,
@@ -381,13 +406,16 @@ def _fit(
 
 
 def _write_artifacts(
-    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category], best: Any,
-    report: DataReport, trainer: Any, layout: Layout, started: float,
-) -> list[Path]:
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category],
+    run: TrainingCallbacks, val_gt: Any, report: DataReport, trainer: Any, layout: Layout,
+    started: float,
+) -> tuple[list[Path], Any]:
+    """model/ (weights, model.json, inference files, model.onnx) and the best epoch's numbers."""
+    best = run.best
     if best.best_state is None:
         raise UserInputError("training finished without a completed epoch; check the log above.")
     if layout.global_rank != 0:
-        return []
+        return [], None
     bad = artifacts.non_finite_tensors(best.best_state)
     if bad:
         raise UserInputError(
@@ -400,6 +428,7 @@ def _write_artifacts(
         hp, categories, best, report, time.monotonic() - started, layout.world_size,
         backbone_normalization(BACKBONES[hp.backbone]), BACKBONES[hp.backbone], artifacts.WEIGHTS_FILE,
     )
+    outcome = _summarise_best(run.best_evaluation, val_gt, categories, metadata)
     if hp.export_onnx:
         written = write_model_with_onnx(env.paths.model_dir, best.best_state, metadata, hp)
     else:
@@ -412,7 +441,21 @@ def _write_artifacts(
         env.paths.model_dir, best.best_epoch, trainer.current_epoch,
         f", {monitor}={best.best_score:.4f}" if monitor and best.best_score is not None else "",
     )
-    return written
+    return written, outcome
+
+
+def _write_report(
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category],
+    train_records: list[ImageRecord], val_records: list[ImageRecord], report: DataReport,
+    run: TrainingCallbacks, outcome: Any,
+) -> None:
+    """output/data/report/ and the TensorBoard mosaic; report.write_report never raises."""
+    from .report import REPORT_DIR, write_report
+
+    write_report(
+        env.paths.output_data_dir / REPORT_DIR, outcome, categories, train_records, val_records,
+        report, hp.to_dict(), run.best.history, run.best.best_epoch, run.logger or None,
+    )
 
 
 def write_model_with_onnx(
@@ -428,6 +471,24 @@ def write_model_with_onnx(
             BACKBONES[hp.backbone], metadata["num_classes"], hp.img_size, state, Path(scratch)
         )
         return artifacts.write_model(model_dir, state, {**metadata, **entries}, extra)
+
+
+def _summarise_best(best_evaluation: Any, val_gt: Any, categories: Any, metadata: dict) -> Any:
+    """The best epoch's per-class table (logged) and numbers (into model.json); an error here
+    is logged and leaves them out rather than failing a job that trained."""
+    from . import report as report_module
+
+    try:
+        outcome = report_module.summarise_best(best_evaluation, val_gt, categories)
+    except Exception:
+        log.exception("could not evaluate the best epoch's detections for the report")
+        return None
+    report_module.add_to_model_card(metadata, outcome)
+    if outcome is not None:
+        log.info("best epoch %d per class (validation, IoU 0.5:0.95 and 0.5):\n%s\nrecommended "
+                 "score threshold %.4f (best F1 %.3f at IoU 0.5)", outcome.epoch,
+                 report_module.per_class_table(outcome), outcome.threshold, outcome.f1)
+    return outcome
 
 
 def resplit(

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from . import coco_eval, stops
@@ -41,7 +42,13 @@ class EfficientDetModule(L.LightningModule):
         self._skipped_names: set[str] = set()
         self._truncated_names: set[str] = set()
         self._first_step_logged = False
-        self._results: dict[int, list[list[float]]] = {}
+        # This epoch's validation: result rows per batch and the image indices they cover.
+        self._result_parts: list[np.ndarray] = []
+        self._seen_parts: list[np.ndarray] = []
+        # The last finished validation: its deduplicated result rows and COCO evaluation, kept
+        # for the best epoch's report (report.BestEvaluation).
+        self.val_results: np.ndarray = coco_eval.empty_results()
+        self.val_evaluation: coco_eval.Evaluation | None = None
         self.images_seen = 0
         self.images_skipped = 0
         self.batches_attempted = 0
@@ -134,7 +141,7 @@ class EfficientDetModule(L.LightningModule):
         if not self.loss_is_finite(out["loss"]):
             return None  # no backward, no optimiser step: the weights stay as they were
         self.log("train_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=len(batch["images"]))
+                 batch_size=len(batch["images"]), logger=False)
         return out["loss"]
 
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
@@ -159,7 +166,7 @@ class EfficientDetModule(L.LightningModule):
         return False
 
     def on_validation_epoch_start(self) -> None:
-        self._results = {}
+        self._result_parts, self._seen_parts = [], []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         stops.pause_for_test("validation")
@@ -168,29 +175,34 @@ class EfficientDetModule(L.LightningModule):
             return
         out = self.eval_bench()(self.normalise(batch["images"]), batch["targets"])
         self.log("valid_loss", out["loss"], on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=len(batch["images"]))
-        detections = out["detections"].float().cpu().numpy()
-        for det, index in zip(detections, batch["indices"].tolist()):
-            self._results[index] = coco_eval.detections_to_results(det[None], [index])
+                 batch_size=len(batch["images"]), logger=False)
+        # One device-to-host copy and one vectorised conversion per batch.
+        indices = batch["indices"].numpy()
+        self._seen_parts.append(indices)
+        self._result_parts.append(
+            coco_eval.detections_to_results(out["detections"].float().cpu().numpy(), indices)
+        )
 
     def on_validation_epoch_end(self) -> None:
-        parts = [self._results]
+        results = np.concatenate(self._result_parts) if self._result_parts else coco_eval.empty_results()
+        seen = np.concatenate(self._seen_parts) if self._seen_parts else np.zeros(0, np.int64)
+        parts = [(seen, results)]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, self._results)
-        # Each image once: the distributed sampler pads the last batches with repeated images.
-        per_image: dict[int, list[list[float]]] = {}
-        for part in parts:
-            for index, rows in part.items():
-                per_image.setdefault(index, rows)
-        results = [row for rows in per_image.values() for row in rows]
-        metrics = coco_eval.coco_map(self.val_gt, results) if self.val_gt else {"map": 0.0, "map_50": 0.0}
+            torch.distributed.all_gather_object(parts, (seen, results))
+        results, images = unique_images(parts)
+        self._result_parts, self._seen_parts = [], []
+        if self.val_gt:
+            evaluation = coco_eval.evaluate(self.val_gt, results)
+            metrics = evaluation.epoch_metrics()
+        else:
+            evaluation, metrics = None, {"valid_map": 0.0, "valid_map_50": 0.0}
+        self.val_results, self.val_evaluation = results, evaluation
         # Every rank computed the same numbers from the same gathered results, so averaging
         # them (sync_dist) changes nothing and keeps Lightning's epoch-level contract.
-        self.log("valid_map", metrics["map"], sync_dist=True)
-        self.log("valid_map_50", metrics["map_50"], sync_dist=True)
-        self.log("valid_images", float(len(per_image)), sync_dist=True)
-        self._results = {}
+        for key, value in metrics.items():
+            self.log(key, value, sync_dist=True, logger=False)
+        self.log("valid_images", float(images), sync_dist=True, logger=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
@@ -227,6 +239,17 @@ def parameter_groups(net: torch.nn.Module, weight_decay: float) -> list[dict[str
         {"params": params, "weight_decay": weight_decay if decay else 0.0, "backbone": backbone}
         for (backbone, decay), params in groups.items() if params
     ]
+
+
+def unique_images(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """Result rows with each image once, and the number of images: the distributed sampler pads
+    the last batches with repeated images, so an image seen by an earlier rank is dropped."""
+    seen: np.ndarray = np.zeros(0, np.int64)
+    kept = []
+    for indices, results in parts:
+        kept.append(results[~np.isin(results[:, 0].astype(np.int64), seen)])
+        seen = np.union1d(seen, indices.astype(np.int64))
+    return np.concatenate(kept) if kept else coco_eval.empty_results(), len(seen)
 
 
 def lr_factor_fn(schedule: str, total_steps: int, warmup_steps: int):

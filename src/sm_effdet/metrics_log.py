@@ -26,6 +26,10 @@ METRICS = (
     ("validation:loss", "valid_loss"),
     ("validation:mAP", "valid_map"),
     ("validation:mAP_50", "valid_map_50"),
+    # COCO's AP for small (< 32x32 px), medium and large boxes; left out when there are none.
+    ("validation:mAP_small", "valid_map_small"),
+    ("validation:mAP_medium", "valid_map_medium"),
+    ("validation:mAP_large", "valid_map_large"),
     ("validation:images", "valid_images"),
     ("train:learning_rate", "lr"),
     ("train:epoch_time_seconds", "epoch_time"),
