@@ -100,7 +100,7 @@ def test_bad_values_name_key_value_and_what_is_allowed(raw, expected):
 def test_every_backbone_short_and_dotted():
     from sm_effdet.backbones import BACKBONES
 
-    for name in ("tf_lite0", "tf_lite4", "tf_d0", "d7", "tf_d3_ap", "tf_d7x"):
+    for name in ("tf_lite0", "tf_lite4", "tf_d0", "d5", "tf_d3_ap", "tf_d7x"):
         assert name in BACKBONES
         dotted = parse_hyperparameters({"backbone": f"models.ross.efficientdet.backbones.{name}"})
         assert dotted.backbone == name

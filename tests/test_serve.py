@@ -128,9 +128,13 @@ def test_single_image_in_pixels_and_normalised(server, trained_model):
         assert (det["category_id"], det["class_name"]) in {(3, "rectangle"), (7, "ellipse"), (12, "triangle")}
     scores = [d["score"] for d in image["detections"]]
     assert scores == sorted(scores, reverse=True)
-    # the default threshold (0.3 without a recommendation in model.json) keeps only confident ones
+    # the default threshold is model.json's recommended one (best F1 on validation), else 0.3
+    card = json.loads((trained_model / "model" / "model.json").read_text())
+    threshold = card.get("recommended_score_threshold", 0.3)
     default = server.post(data).json()["predictions"][0]["detections"]
-    assert all(d["score"] >= 0.3 for d in default)
+    assert all(d["score"] >= threshold for d in default)
+    everything = server.post(data, **{ATTRS: "score_threshold=0"}).json()["predictions"][0]["detections"]
+    assert len(default) == sum(d["score"] >= threshold for d in everything)
 
 
 def test_json_batch_with_options_in_the_body_and_jsonlines(server, trained_model):

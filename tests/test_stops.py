@@ -16,10 +16,11 @@ import pytest
 import torch
 from conftest import FAST, failure_text, model_files, run_train, start_train, write_tree
 
+from sm_effdet import artifacts
 from sm_effdet.artifacts import non_finite_tensors, strict_json
 from sm_effdet.checkpoints import list_checkpoints
 
-MODEL = ["inference.py", "model.json", "model.safetensors"]
+MODEL = sorted(artifacts.MODEL_FILES)
 
 
 def read_until(process: subprocess.Popen, pattern: str, timeout: float = 300) -> list[str]:
@@ -158,7 +159,7 @@ def test_resume_with_other_training_hyperparameters_is_refused(finished, tmp_pat
     reason = failure_text(base)
     assert re.fullmatch(
         r"checkpoint checkpoint-algo-1-epoch0000-step000000002\.ckpt in \S+ was made with other "
-        r"hyperparameters: learning_rate 0\.001 \(now 0\.3\); lr_schedule 'cosine' \(now "
+        r"hyperparameters: learning_rate 'auto' \(now 0\.3\); lr_schedule 'cosine' \(now "
         r"'constant'\); to resume, restore those values; to start a new training run, give the "
         r"job a new checkpoint location \(CheckpointConfig\)\.\n", reason
     ), reason

@@ -17,8 +17,9 @@ BACKBONES: dict[str, str] = {
     "tf_lite3x": "tf_efficientdet_lite3x",
     **{f"tf_d{i}": f"tf_efficientdet_d{i}" for i in range(8)},
     "tf_d7x": "tf_efficientdet_d7x",
-    **{f"d{i}": f"efficientdet_d{i}" for i in range(8)},
-    "d7x": "efficientdet_d7x",
+    # effdet 0.4.1 configures the PyTorch-native D-series only up to d5 (no efficientdet_d6,
+    # d7 or d7x): a job asking for them could not build its model.
+    **{f"d{i}": f"efficientdet_d{i}" for i in range(6)},
     **{f"tf_d{i}_ap": f"tf_efficientdet_d{i}_ap" for i in range(6)},
 }
 

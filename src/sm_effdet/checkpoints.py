@@ -42,7 +42,7 @@ FIT_KEYS = ("backbone", "img_size", "classes")
 # extend a run. Any other difference means the checkpoint belongs to another training run.
 RESUME_MAY_CHANGE = frozenset(
     {"num_workers", "devices", "checkpoint_every_minutes", "early_stopping_patience",
-     "precision", "num_classes"}
+     "precision", "num_classes", "tensorboard", "export_onnx"}
 )
 
 

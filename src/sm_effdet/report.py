@@ -204,7 +204,9 @@ def detections_json(results: np.ndarray, records: list[ImageRecord], categories:
             "image_id": records[int(index)].image_id,
             "category_id": categories[int(label) - 1].id,
             "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
-            "score": round(score, 5),
+            # Unrounded: the recommended threshold is one of these scores, and a rounded copy
+            # could fall on the other side of it.
+            "score": score,
         })
     return rows
 
@@ -351,7 +353,7 @@ def draw_mosaic(records: list[ImageRecord], outcome: BestOutcome, names: list[st
     for n, index in enumerate(chosen):
         record = records[index]
         try:
-            pixels, _ = load_image(record)
+            pixels, _, _ = load_image(record)
         except ImageLoadError as exc:  # an unreadable image leaves its tile empty
             log.warning("report mosaic: %s", exc)
             continue
