@@ -265,8 +265,9 @@ class Hyperparameters:
         _between(0),
     )
     ema_decay: float = _spec(
-        0.9998, _as_float, "decay of the exponential moving average of the weights used for "
-        "validation and the model (with warm-up); 0 is off", _between(0, 1, high_open=True),
+        0.0, _as_float, "decay of the exponential moving average of the weights used for "
+        "validation and the model (with warm-up), e.g. effdet's 0.9998; 0 is off",
+        _between(0, 1, high_open=True),
     )
     clip_grad_norm: float | str = _spec(
         "auto", _auto_or_non_negative, "clip the gradient norm to this value; 0 is off; auto: "
