@@ -409,6 +409,20 @@ def _rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
+def wait_healthy(url: str, seconds: float = 300) -> None:
+    """Until ./serve at `url` answers /ping with 200 (the model loaded and warmed up)."""
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+
+
 def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     """./serve against the plain loop, both on the CPU with the same model and images."""
     import socket
@@ -459,14 +473,7 @@ def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     server = subprocess.Popen([sys.executable, str(REPO / "serve")], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url)
 
         def post(session, i: int) -> float:
             t = time.perf_counter()
@@ -497,14 +504,7 @@ def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     # Memory on a fresh server: after 10 requests against after rss_requests.
     url = f"http://127.0.0.1:{port + 1}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url)
         for i in range(10):
             post(session, i)
         after_10 = _rss_mb(fresh.pid)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from sm_effdet.coco import MAX_IMAGE_PIXELS, ImageRecord
@@ -143,7 +144,7 @@ def test_odd_sized_jpegs_decode_at_reduced_scale_to_their_exact_size(tmp_path):
 def test_the_raccoon_photographs_load_at_every_scale():
     import glob
 
-    photos = sorted(glob.glob("/work/shared/data/raccoon/images/*.jpg"))
+    photos = sorted(glob.glob(str(REPO.parent / "shared" / "data" / "raccoon" / "images" / "*.jpg")))
     if not photos:
         pytest.skip("the shared raccoon photographs are not on this machine")
     for path in photos:

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, model_files, run_train, write_tree
+from conftest import FAST, REPO, model_files, run_train, write_tree
 
 from sm_effdet import artifacts
 from sm_effdet.export import OnnxEfficientDet
 from sm_effdet import preprocessing
 from sm_effdet.inference import infer, load_model, preprocess
 
-RACCOON_IMAGES = Path("/work/shared/data/raccoon/images")
+# ../shared beside the checkout (CI clones main with shared/ beside it).
+RACCOON_IMAGES = REPO.parent / "shared" / "data" / "raccoon" / "images"
 # Detections compared: those PyTorch scores above this (an untrained-looking 1-epoch model
 # scores low, so the bar is low too; it still leaves dozens of boxes per image).
 MIN_SCORE = 0.01
