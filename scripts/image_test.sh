@@ -341,10 +341,11 @@ serve_process() {
 }
 
 check_serve() {
-    local c pid py="" port=18080 waited=0 out image rc=0
+    # (`image` is the image's name, used by new_container: the JPEG has a name of its own.)
+    local c pid py="" port=18080 waited=0 out jpeg rc=0
     new_container
     c=$new_c
-    image=$(find "$work/ok/input/data/training" -name '*.jpg' | head -n 1)
+    jpeg=$(find "$work/ok/input/data/training" -name '*.jpg' | head -n 1)
     # chroot isolation shares the host's network: the server is reachable on 127.0.0.1.
     extra_env=(-e "SAGEMAKER_BIND_TO_PORT=$port")
     run_in "$c" "$work/ok" serve >"$work/serve.log" 2>&1 &
@@ -360,7 +361,7 @@ check_serve() {
     done
     [[ $out == 200* ]] || { tail -n 20 "$work/serve.log"; die "/ping did not answer 200 within 180 s"; }
     echo "/ping 200 after ${waited} s"
-    out=$(http_call "http://127.0.0.1:$port/invocations" "$image" image/jpeg)
+    out=$(http_call "http://127.0.0.1:$port/invocations" "$jpeg" image/jpeg)
     echo "POST /invocations: ${out:0:200}"
     [[ $out == '200 {"predictions"'* ]] || die "serve did not answer an image with predictions"
     py=$(serve_process "$pid") || die "no process running /opt/program/serve"

@@ -163,3 +163,24 @@ def test_sgd_with_only_the_optimizer_set_learns(tmp_path):
     assert meta["hyperparameters"]["learning_rate"] == "auto"
     assert meta["hyperparameters"]["optimizer"] == "sgd"
     assert meta["metrics"]["valid_map"] > SGD_MAP_BOUND, meta["history"]
+
+
+def test_a_model_channel_without_a_usable_model_is_refused_with_a_sentence(tmp_path):
+    from sm_effdet.errors import UserInputError
+    from sm_effdet.warm_start import read_previous_model
+
+    channel = tmp_path / "model"
+    channel.mkdir()
+    with pytest.raises(UserInputError, match="holds neither model.json with model.safetensors nor model.tar.gz"):
+        read_previous_model(channel)
+    (channel / "model.safetensors").write_bytes(b"")
+    (channel / "model.json").write_text('{"backbone": "tf_lite0"}')
+    with pytest.raises(UserInputError, match=r"model.json lacks effdet_model_name, .*use the model.json a training job wrote"):
+        read_previous_model(channel)
+    (channel / "model.json").write_text("not json")
+    with pytest.raises(UserInputError, match="is not readable JSON"):
+        read_previous_model(channel)
+    (channel / "model.json").unlink()
+    (channel / "model.tar.gz").write_bytes(b"not a tar file")
+    with pytest.raises(UserInputError, match="cannot read .*model.tar.gz"):
+        read_previous_model(channel)

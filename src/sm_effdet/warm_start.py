@@ -8,7 +8,6 @@ epochs start anew, which is what tells it apart from resuming a checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 import tempfile
@@ -20,11 +19,12 @@ import torch
 from .backbones import BACKBONES
 from .errors import UserInputError
 from .model import WEIGHT_SUFFIXES, read_state_dict
+from .model_card import METADATA_FILE, ModelCardError, read_model_card
 
 log = logging.getLogger(__name__)
 
 MODEL_CHANNEL = "model"
-MODEL_JSON = "model.json"
+MODEL_JSON = METADATA_FILE
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_ARCHIVE = "model.tar.gz"
 CLASS_HEAD = "class_net.predict.conv_pw."  # the last conv: num_anchors x num_classes outputs
@@ -55,14 +55,17 @@ def read_previous_model(channel: Path) -> tuple[dict[str, Any], dict[str, torch.
             f"{card_path} has no {MODEL_WEIGHTS} beside it; give the whole model/ folder of the "
             "previous job."
         )
+    try:  # model.json's format has one home: model_card.py
+        card = read_model_card(card_path.parent)
+    except ModelCardError as exc:
+        raise UserInputError(str(exc)) from exc
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        classes = [c["name"] for c in card["classes"]]
-        card["backbone"], card["classes"] = str(card["backbone"]), classes
-    except (ValueError, KeyError, TypeError) as exc:
+        card["backbone"] = str(card["backbone"])
+        card["classes"] = [c["name"] for c in card["classes"]]
+    except (KeyError, TypeError) as exc:
         raise UserInputError(
             f"{card_path} is not a model.json written by this container ({type(exc).__name__}: "
-            f"{str(exc)[:80]}); give a previous job's model/ folder or its model.tar.gz."
+            f"{str(exc)[:200]}); give a previous job's model/ folder or its model.tar.gz."
         ) from exc
     return card, read_state_dict(weights_path), card_path.parent
 
