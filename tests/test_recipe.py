@@ -4,6 +4,7 @@ model, ImageNet backbone weights, freezing, EMA of the weights, SGD's defaults."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -70,6 +71,24 @@ def test_warm_start_with_the_same_classes_keeps_every_weight(first_model, tmp_pa
     before, after = trained_weights(first_model), trained_weights(base)
     convs = [k for k in before if k.endswith(".weight") and before[k].ndim == 4]
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in convs)
+
+    # The starting weights are validated first, as epoch 0, on the same split as the first job:
+    # the same loss and mAP as the first job's best epoch, and a candidate for the best epoch.
+    first, meta = (json.loads((b / "model" / "model.json").read_text()) for b in (first_model, base))
+    start = meta["history"][0]
+    assert start["epoch"] == 0 and "train_loss" not in start
+    assert start["valid_loss"] == pytest.approx(first["metrics"]["valid_loss"], rel=1e-5)
+    assert start["valid_map"] == pytest.approx(first["metrics"]["valid_map"], abs=1e-6)
+    assert [h["epoch"] for h in meta["history"]] == [0, 1]
+    assert "epoch=0/1 valid_loss=" in result.stdout and "(the starting weights, before training)" in result.stdout
+    scores = [h["valid_map"] for h in meta["history"]]
+    assert meta["best_epoch"] == scores.index(max(scores))  # the first of the best: epoch 0 on a tie
+    if meta["best_epoch"] == 0:  # then the model is the starting point itself
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert "report: could not" not in result.stdout + result.stderr
+    page = (base / "output" / "data" / "report" / "index.html").read_text()
+    assert "<td>epochs run</td><td>1</td>" in page
+    assert re.search(r"<tr><td>0</td><td>[0-9.e+-]+</td>", page)  # epoch 0's row, its valid_loss
 
 
 def test_warm_start_from_model_tar_gz_with_a_class_added(first_model, tmp_path):

@@ -30,6 +30,14 @@ class BestModel(L.Callback):
         return self.summary.history
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._consider_last_epoch(pl_module)
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Epoch 0, the starting weights of a warm start (EpochSummary): a later epoch must beat
+        # them to become the model, so a warm start never ends worse than it began.
+        self._consider_last_epoch(pl_module)
+
+    def _consider_last_epoch(self, pl_module: L.LightningModule) -> None:
         values = dict(self.summary.history[-1])
         epoch = int(values.pop("epoch"))
         score = values.get(self.monitor) if self.monitor else None

@@ -156,6 +156,8 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
 
     import lightning as L
 
+    from .warm_start import MODEL_CHANNEL, choose_starting_point
+
     L.seed_everything(hp.seed, workers=True, verbose=False)
     settings = _run_settings(hp, layout)
     checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
@@ -166,7 +168,8 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     )
     train_loader, val_loader = _loaders(hp, settings, train_records, val_records)
     stops.start_up("building the model")
-    module = _model(env, hp, categories, val_records, report, resumed=resume_path is not None)
+    start = choose_starting_point(hp.pretrained, env.channel(MODEL_CHANNEL), resume_path is not None)
+    module = _model(env, hp, categories, val_records, report, start)
     run = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records))
     log.info(
         "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
@@ -178,7 +181,11 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
         run.best.monitor or "last epoch (no validation set)", checkpoint_dir,
     )
     with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
-        trainer = _trainer(settings, hp, layout, run, val_loader is not None, scratch)
+        # A warm start validates its starting weights first (epoch 0; a later epoch must beat
+        # them to become the model): a previous model is already good, and the first epochs at
+        # the peak learning rate can move it away before they bring it back.
+        validate_start = start == "warm" and val_loader is not None
+        trainer = _trainer(settings, hp, layout, run, val_loader is not None, validate_start, scratch)
         try:
             _fit(trainer, module, train_loader, val_loader, resume_path, run.checkpoints)
         finally:  # images skipped while training are counted, even when training failed
@@ -286,17 +293,17 @@ def _loaders(
 
 def _model(
     env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category],
-    val_records: list[ImageRecord], report: DataReport, resumed: bool,
+    val_records: list[ImageRecord], report: DataReport, start: str,
 ) -> Any:
     from . import coco_eval
     from .lightning_module import EfficientDetModule
     from .model import build_model
-    from .warm_start import MODEL_CHANNEL, choose_starting_point, load_backbone_weights, warm_start
+    from .warm_start import load_backbone_weights, warm_start
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
-    # A resumed job takes every weight from its checkpoint; else a previous model (the `model`
-    # channel), the COCO detector or the ImageNet backbone, as warm_start.choose_starting_point says.
-    start = choose_starting_point(hp.pretrained, env.channel(MODEL_CHANNEL), resumed)
+    # `start` (warm_start.choose_starting_point): a resumed job takes every weight from its
+    # checkpoint; else a previous model (the `model` channel), the COCO detector or the ImageNet
+    # backbone.
     bench = build_model(hp.backbone, len(categories), hp.img_size, start == "coco", pretrained_dir)
     if start == "warm":
         warm_start(bench.model, env.channel(MODEL_CHANNEL), hp.backbone, [c.name for c in categories])
@@ -355,7 +362,7 @@ def _callbacks(
 
 def _trainer(
     settings: dict[str, Any], hp: Hyperparameters, layout: Layout, run: TrainingCallbacks,
-    has_validation: bool, scratch: str,
+    has_validation: bool, validate_start: bool, scratch: str,
 ) -> Any:
     import lightning as L
 
@@ -378,7 +385,8 @@ def _trainer(
         callbacks=run.all,
         gradient_clip_val=hp.gradient_clip,
         limit_val_batches=1.0 if has_validation else 0,
-        num_sanity_val_steps=0,
+        # -1: the whole validation set, recorded as epoch 0 (metrics_log.EpochSummary).
+        num_sanity_val_steps=-1 if validate_start else 0,
         benchmark=settings["accelerator"] == "gpu",
         log_every_n_steps=50,
         default_root_dir=scratch,

@@ -98,6 +98,17 @@ class EpochSummary(L.Callback):
         if trainer.is_global_zero:
             log.info(epoch_line(epoch, self.epochs, values))
 
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Epoch 0: the starting weights, validated before the first step when the job turns
+        Lightning's sanity check into a full validation (a warm start, see job.py), so that the
+        start is in the history and can be the best epoch."""
+        metrics = trainer.callback_metrics
+        values = {key: _value(metrics, key) for _, key in METRICS
+                  if key.startswith("valid_") and key in metrics}
+        self.history.append({"epoch": 0, **{k: v for k, v in values.items() if v is not None}})
+        if trainer.is_global_zero:
+            log.info("%s (the starting weights, before training)", epoch_line(0, self.epochs, values))
+
     # Saved in checkpoints, so that a resumed job keeps its history.
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}

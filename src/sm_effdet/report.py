@@ -55,7 +55,12 @@ class BestEvaluation(L.Callback):
         self.results: np.ndarray | None = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
+        self._keep_if_best(trainer.current_epoch + 1, pl_module)
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._keep_if_best(0, pl_module)  # epoch 0: a warm start's starting weights
+
+    def _keep_if_best(self, epoch: int, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "val_evaluation", None) is not None and self.best.best_epoch == epoch:
             self.epoch, self.results = epoch, pl_module.val_results
 
@@ -120,6 +125,16 @@ class TrainingScalars(L.Callback):
         # Images of this rank, times the ranks: the job's throughput.
         values["epoch/images_per_second"] = self._epoch_images * trainer.world_size / max(seconds, 1e-9)
         trainer.logger.log_metrics(values, step=trainer.current_epoch + 1)
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Epoch 0, a warm start's starting weights: the validation curves begin where it began.
+        if not trainer.is_global_zero or trainer.logger is None:
+            return
+        values = {
+            f"epoch/{key}": float(value) for key, value in trainer.callback_metrics.items()
+            if key.startswith("valid_") and math.isfinite(float(value))
+        }
+        trainer.logger.log_metrics(values, step=0)
 
 
 def tensorboard_logger(folder: Path) -> Any:
@@ -451,7 +466,8 @@ def render_html(
         parts += ["<h3>Examples of what was fixed or skipped</h3>",
                   _table(["reason", "examples"], [[k, "; ".join(v)] for k, v in examples.items()])]
     if history:
-        keys = [k for k in history[0] if k != "epoch"]
+        # Every key in first-seen order: epoch 0 of a warm start has validation numbers only.
+        keys = list(dict.fromkeys(k for h in history for k in h if k != "epoch"))
         parts += ["<h2>Epochs</h2>",
                   _table(["epoch"] + keys, [[h.get("epoch")] + [_fmt(h.get(k)) for k in keys] for h in history])]
     parts += ["<h2>Hyperparameters</h2>",
@@ -511,7 +527,7 @@ def write_report(
             written += [path, path_matrix]
         summary = {
             "best epoch": best_epoch,
-            "epochs run": len(history),
+            "epochs run": sum(1 for h in history if h.get("epoch", 0) > 0),
             "train images": len(train_records),
             "validation images": len(val_records),
             "train boxes": int(sum(len(r.labels) for r in train_records)),
