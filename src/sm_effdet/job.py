@@ -298,7 +298,7 @@ def _model(
     from . import coco_eval
     from .lightning_module import EfficientDetModule
     from .model import build_model
-    from .warm_start import load_backbone_weights, warm_start
+    from .warm_start import MODEL_CHANNEL, load_backbone_weights, warm_start
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
     # `start` (warm_start.choose_starting_point): a resumed job takes every weight from its
