@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..preprocessing import ImageDecodeError
 from . import decoding, formats
-from .batching import Batcher
+from .batching import Batcher, model_thread
 from .predictor import ModelLoadError, Predictor
 from .settings import Settings, SettingsError, read_settings
 
@@ -56,9 +56,11 @@ def _load_model() -> Predictor:
 
 
 async def _load_in_background() -> None:
+    torch_thread = model_thread()  # the model is loaded and warmed up where it will run
     try:
-        predictor = await run_in_threadpool(_load_model)
+        predictor = await asyncio.get_running_loop().run_in_executor(torch_thread, _load_model)
     except ModelLoadError as exc:
+        torch_thread.shutdown(wait=False)
         log.error("cannot serve: %s", exc)
         state.exit_code = 1
         if state.server is not None:
@@ -66,7 +68,7 @@ async def _load_in_background() -> None:
         return
     batcher = Batcher(
         lambda images, sizes: predictor.rows(images, sizes), state.settings.max_batch_size,
-        state.settings.batch_wait_ms, state.settings.max_queue_images,
+        state.settings.batch_wait_ms, state.settings.max_queue_images, torch_thread,
     )
     batcher.start()
     state.batcher, state.predictor = batcher, predictor

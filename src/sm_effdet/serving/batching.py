@@ -2,7 +2,7 @@
 
 A request's prepared images wait in a bounded queue; one worker takes the first waiting
 request, keeps taking more for at most `wait_ms` or until `max_batch` images are gathered, runs
-them as one batch on a single model thread, and hands each request its rows. A full queue is
+them as one batch on the model thread, and hands each request its rows. A full queue is
 refused at once (503), so overload never grows memory without bound.
 """
 
@@ -17,6 +17,20 @@ from typing import Any, Callable
 from .decoding import ClientError
 
 
+def model_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread on which the server runs torch: loading, the warm-up and every batch.
+
+    The network uses every core itself (intra-op threads), and one batch at a time is what the
+    cores can do. It must be one thread for all of it: each thread that runs torch gets its own
+    team of OpenMP threads, and once libgomp manages more threads than there are cores it stops
+    spinning between parallel regions. EfficientDet runs hundreds of small ones per image, so a
+    warm-up on another thread made every later request about twice as slow (measured on 2 cores:
+    the network at batch 1 took 35 ms with all torch on one thread, 89 ms after a second thread
+    had run it; README, Performance).
+    """
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+
+
 @dataclass
 class _Job:
     images: list[Any]
@@ -26,15 +40,16 @@ class _Job:
 
 class Batcher:
     def __init__(self, run: Callable[[list[Any], list[Any]], list[Any]], max_batch: int,
-                 wait_ms: float, max_queue_images: int) -> None:
+                 wait_ms: float, max_queue_images: int,
+                 model_thread: concurrent.futures.ThreadPoolExecutor) -> None:
         self.run = run  # (images, sizes) -> one result per image, called on the model thread
         self.max_batch = max_batch
         self.wait = wait_ms / 1000
         self.max_queue_images = max_queue_images
         self.queued_images = 0
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        # One thread: the network runs one batch at a time and uses every core itself.
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        # The server's one thread for torch (model_thread() below), shut down by stop().
+        self._model_thread = model_thread
         self._worker: asyncio.Task | None = None
 
     def start(self) -> None:
