@@ -30,7 +30,7 @@ class ModelLoadError(RuntimeError):
 def choose_backend(requested: str, model_dir: Path, device: torch.device) -> str:
     """The one place that decides between PyTorch and ONNX Runtime (SERVE_BACKEND).
 
-    auto: ONNX Runtime on CPU when the model folder has model.onnx (measured 2.8x-5.6x
+    auto: ONNX Runtime on CPU when the model folder has model.onnx (measured 2.3x-5.6x
     PyTorch's images/s on CPU, `make bench` section 6), PyTorch on a GPU, where the image's
     onnxruntime package has no CUDA provider.
     """
