@@ -12,7 +12,7 @@ import tarfile
 import pytest
 import torch
 from conftest import FAST, REPO, failure_text, run_train, write_tree
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(REPO / "scripts"))
 from convert_efficientnet_lite0 import converted_state
@@ -133,8 +133,6 @@ def test_warm_start_from_another_backbone_is_refused(first_model, tmp_path):
 def backbone_file(tmp_path_factory):
     """ImageNet EfficientNet-Lite0 weights under timm's names, as a user would prepare them."""
     path = tmp_path_factory.mktemp("imagenet") / "tf_efficientnet_lite0.safetensors"
-    from safetensors.torch import save_file
-
     save_file(converted_state(), str(path))
     return path
 
@@ -203,3 +201,29 @@ def test_a_model_channel_without_a_usable_model_is_refused_with_a_sentence(tmp_p
     (channel / "model.tar.gz").write_bytes(b"not a tar file")
     with pytest.raises(UserInputError, match="cannot read .*model.tar.gz"):
         read_previous_model(channel)
+
+
+def test_backbone_weights_offline_or_missing_say_how_to_fix(tmp_path):
+    """pretrained=backbone without the weights: one sentence naming timm's file to provide."""
+    base = write_tree(tmp_path / "offline" / "opt_ml", {**FAST, "pretrained": "backbone"}, n_images=4)
+    # Nothing cached, no network; HF_HUB_OFFLINE spares the test the hub's 46 s of retries.
+    result = run_train(base, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")
+    assert result.returncode != 0
+    reason = failure_text(base)
+    assert reason.startswith("could not download the ImageNet weights of backbone 'tf_lite0' (timm's tf_efficientnet_lite0)")
+    assert "add a channel named 'pretrained' holding a file with timm's tf_efficientnet_lite0 weights" in reason
+    assert "Traceback" not in reason and len(reason) <= 1024
+
+    # A channel holding the COCO detector (class_net keys) instead of backbone weights.
+    base = write_tree(tmp_path / "detector" / "opt_ml", {**FAST, "pretrained": "backbone"}, n_images=4)
+    channel = base / "input" / "data" / "pretrained"
+    channel.mkdir()
+    save_file({"backbone.conv_stem.weight": torch.zeros(32, 3, 3, 3), "class_net.predict.conv_pw.bias": torch.zeros(9)},
+              str(channel / "tf_efficientdet_lite0.safetensors"))
+    result = run_train(base, HF_HOME=str(tmp_path / "hf-home"))
+    assert result.returncode != 0
+    reason = failure_text(base)
+    assert "pretrained is 'backbone' but the 'pretrained' channel" in reason
+    assert "holds no backbone weights files (files: tf_efficientdet_lite0.safetensors)" in reason
+    assert "give exactly one file with timm's tf_efficientnet_lite0 ImageNet weights" in reason
+    assert not (base / "model" / "model.safetensors").exists()
