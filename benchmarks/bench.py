@@ -13,8 +13,9 @@ Not a pass/fail test: it prints figures.
 4. time from process start to the first training step of ./train, for the demo dataset and
    the COCO-scale JSON.
 5. serving on CPU: ./serve's images/s and p50/p99 latency at concurrency 1 and 8 (real HTTP
-   requests, 640x480 JPEGs) against a plain loop calling the model directly (inference.py's
-   decode + predict) in the same run; the server's RSS after 10 requests and after 1,000.
+   requests, 640x480 JPEGs), with the PyTorch and the ONNX Runtime backends, against a plain
+   loop calling the PyTorch model directly (inference.py's decode + predict) in the same run;
+   the server's RSS after 10 requests and after 1,000.
 6. prediction on CPU, tf_lite0 at 512 px, batch 1 and 8: PyTorch against ONNX Runtime running
    the exported model.onnx, both inside effdet's DetBenchPredict.
 7. anchor labelling: a training step with effdet's per-image labelling inside the step against
@@ -437,6 +438,7 @@ def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
 
     from sm_effdet import artifacts, inference
     from sm_effdet.backbones import BACKBONES
+    from sm_effdet.export import export_onnx
     from sm_effdet.model import build_model
     from sm_effdet.preprocessing import backbone_normalization
 
@@ -467,59 +469,66 @@ def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     lines = [f"  plain loop (model called directly): {loop_ips:6.1f} img/s, p50 "
              f"{_percentile(latencies, 50) * 1000:.0f} ms, p99 {_percentile(latencies, 99) * 1000:.0f} ms"]
     del model
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port),
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    # What a job's model folder holds: model.onnx too, which `auto` serves on CPU.
+    export_onnx(bench.model, img_size, base / "model" / "model.onnx")
     log = (work / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, str(REPO / "serve")], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+
+    def start_server(backend: str) -> tuple[subprocess.Popen, str]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port),
+               "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "SERVE_BACKEND": backend}
+        server = subprocess.Popen([sys.executable, str(REPO / "serve")], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        return server, f"http://127.0.0.1:{port}"
+
+    def post(session, url: str, i: int) -> float:
+        t = time.perf_counter()
+        r = session.post(url + "/invocations", data=images[i % len(images)],
+                         headers={"Content-Type": "image/jpeg"}, timeout=120)
+        r.raise_for_status()
+        return time.perf_counter() - t
+
     try:
-        wait_healthy(url)
-
-        def post(session, i: int) -> float:
-            t = time.perf_counter()
-            r = session.post(url + "/invocations", data=images[i % len(images)],
-                             headers={"Content-Type": "image/jpeg"}, timeout=120)
-            r.raise_for_status()
-            return time.perf_counter() - t
-
-        for concurrency in (1, 8):
-            def client(n: int) -> list[float]:
-                session = requests.Session()
-                return [post(session, n + k * concurrency) for k in range(requests_per_run // concurrency)]
-
-            started = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                latencies = [t for ts in pool.map(client, range(concurrency)) for t in ts]
-            ips = len(latencies) / (time.perf_counter() - started)
-            lines.append(
-                f"  serve, concurrency {concurrency}: {ips:6.1f} img/s = {ips / loop_ips:.2f}x the plain loop, "
-                f"p50 {_percentile(latencies, 50) * 1000:.0f} ms, p99 {_percentile(latencies, 99) * 1000:.0f} ms"
-            )
-        session = requests.Session()
-        fresh = subprocess.Popen([sys.executable, str(REPO / "serve")], env={**env, "SAGEMAKER_BIND_TO_PORT": str(port + 1)},
-                                 stdout=log, stderr=subprocess.STDOUT)
+        for backend in ("torch", "onnx"):
+            server, url = start_server(backend)
+            try:
+                wait_healthy(url)
+                for concurrency in (1, 8):
+                    def client(n: int) -> list[float]:
+                        session = requests.Session()
+                        return [post(session, url, n + k * concurrency)
+                                for k in range(requests_per_run // concurrency)]
+                    started = time.perf_counter()
+                    with ThreadPoolExecutor(concurrency) as pool:
+                        latencies = [t for ts in pool.map(client, range(concurrency)) for t in ts]
+                    ips = len(latencies) / (time.perf_counter() - started)
+                    lines.append(
+                        f"  serve ({backend}), concurrency {concurrency}: {ips:6.1f} img/s = "
+                        f"{ips / loop_ips:.2f}x the plain loop, p50 {_percentile(latencies, 50) * 1000:.0f} ms, "
+                        f"p99 {_percentile(latencies, 99) * 1000:.0f} ms"
+                    )
+            finally:
+                server.terminate()
+                server.wait(60)
+        # Memory on a fresh server with the default backend: after 10 requests and after rss_requests.
+        server, url = start_server("auto")
+        try:
+            wait_healthy(url)
+            session = requests.Session()
+            for i in range(10):
+                post(session, url, i)
+            after_10 = _rss_mb(server.pid)
+            for i in range(10, rss_requests):
+                post(session, url, i)
+            after_n = _rss_mb(server.pid)
+            lines.append(f"  serve (auto: onnx) RSS: {after_10:.0f} MB after 10 requests, "
+                         f"{after_n:.0f} MB after {rss_requests} (+{after_n - after_10:.0f} MB)")
+        finally:
+            server.terminate()
+            server.wait(60)
     finally:
-        server.terminate()
-        server.wait(60)
-    # Memory on a fresh server: after 10 requests against after rss_requests.
-    url = f"http://127.0.0.1:{port + 1}"
-    try:
-        wait_healthy(url)
-        for i in range(10):
-            post(session, i)
-        after_10 = _rss_mb(fresh.pid)
-        for i in range(10, rss_requests):
-            post(session, i)
-        after_n = _rss_mb(fresh.pid)
-        lines.append(f"  serve RSS: {after_10:.0f} MB after 10 requests, {after_n:.0f} MB after "
-                     f"{rss_requests} (+{after_n - after_10:.0f} MB)")
-    finally:
-        fresh.terminate()
-        fresh.wait(60)
         log.close()
     return lines
 
