@@ -116,10 +116,7 @@ class TrainingScalars(L.Callback):
         if not trainer.is_global_zero or trainer.logger is None:
             return
         seconds = time.monotonic() - self._epoch_start
-        values = {
-            f"epoch/{key}": float(value) for key, value in trainer.callback_metrics.items()
-            if key.startswith(("train_", "valid_")) and math.isfinite(float(value))
-        }
+        values = _epoch_scalars(trainer.callback_metrics, ("train_", "valid_"))
         values["epoch/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         values["epoch/epoch_time"] = seconds
         # Images of this rank, times the ranks: the job's throughput.
@@ -130,11 +127,15 @@ class TrainingScalars(L.Callback):
         # Epoch 0, a warm start's starting weights: the validation curves begin where it began.
         if not trainer.is_global_zero or trainer.logger is None:
             return
-        values = {
-            f"epoch/{key}": float(value) for key, value in trainer.callback_metrics.items()
-            if key.startswith("valid_") and math.isfinite(float(value))
-        }
-        trainer.logger.log_metrics(values, step=0)
+        trainer.logger.log_metrics(_epoch_scalars(trainer.callback_metrics, ("valid_",)), step=0)
+
+
+def _epoch_scalars(metrics: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
+    """`epoch/<name>` for each finite metric whose name starts with one of `prefixes`."""
+    return {
+        f"epoch/{key}": float(value) for key, value in metrics.items()
+        if key.startswith(prefixes) and math.isfinite(float(value))
+    }
 
 
 def tensorboard_logger(folder: Path) -> Any:

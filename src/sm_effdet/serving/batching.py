@@ -41,15 +41,15 @@ class _Job:
 class Batcher:
     def __init__(self, run: Callable[[list[Any], list[Any]], list[Any]], max_batch: int,
                  wait_ms: float, max_queue_images: int,
-                 model_thread: concurrent.futures.ThreadPoolExecutor) -> None:
+                 thread: concurrent.futures.ThreadPoolExecutor) -> None:
         self.run = run  # (images, sizes) -> one result per image, called on the model thread
         self.max_batch = max_batch
         self.wait = wait_ms / 1000
         self.max_queue_images = max_queue_images
         self.queued_images = 0
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        # The server's one thread for torch (model_thread() below), shut down by stop().
-        self._model_thread = model_thread
+        # The server's one thread for torch (model_thread() above), shut down by stop().
+        self._model_thread = thread
         self._worker: asyncio.Task | None = None
 
     def start(self) -> None:
