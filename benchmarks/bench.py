@@ -122,8 +122,8 @@ def child_json_load(channel: str) -> dict:
 def child_job_dataset(channel: str) -> dict:
     # Imports are timed apart: a fixed cost, the same for ten images or a million.
     started = time.perf_counter()
-    from sm_effdet import coco
     from sm_effdet.data import DetectionDataset
+    from sm_effdet.formats import coco
     from sm_effdet.transforms import train_transform
 
     imports = time.perf_counter() - started
@@ -236,8 +236,8 @@ def images_per_second(iterate, n_images: int) -> float:
 
 
 def input_pipeline(work: Path, n: int, batch: int) -> list[str]:
-    from sm_effdet import coco
     from sm_effdet.data import DetectionDataset, make_loader
+    from sm_effdet.formats import coco
     from sm_effdet.model import ensure_icevision_font
     from sm_effdet.transforms import train_transform
 
@@ -283,8 +283,8 @@ def input_pipeline(work: Path, n: int, batch: int) -> list[str]:
 def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     import torch
 
-    from sm_effdet import coco
     from sm_effdet.data import DetectionDataset, make_loader
+    from sm_effdet.formats import coco
     from sm_effdet.job import resolve_num_workers
     from sm_effdet.model import build_model
     from sm_effdet.preprocessing import backbone_normalization, normalize

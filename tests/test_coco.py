@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sm_effdet import coco
-from sm_effdet.coco import DataReport
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.environment import Paths, read_environment
 from sm_effdet.errors import UserInputError
+from sm_effdet.formats import DataReport, coco
 from sm_effdet.hyperparameters import parse_hyperparameters
 from sm_effdet.job import prepare_data
 

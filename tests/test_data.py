@@ -11,8 +11,8 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from sm_effdet.coco import MAX_IMAGE_PIXELS, ImageRecord
 from sm_effdet.data import DetectionDataset, ImageLoadError, collate, load_image
+from sm_effdet.formats import MAX_IMAGE_PIXELS, ImageRecord
 from sm_effdet.transforms import eval_transform, train_transform
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import FAST, REPO, run_train, write_tree
 
 from sm_effdet import coco_eval, report
-from sm_effdet.coco import DataReport
+from sm_effdet.formats import DataReport
 
 PLOTS = ("training_curves", "pr_curves", "confusion_matrix", "box_sizes", "predictions")
 

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
-
 from conftest import FAST, REPO, run_train, write_tree
+from PIL import Image
 
 SERVE = REPO / "serve"
 MAX_PIXELS = 4_000_000
@@ -224,9 +223,9 @@ def test_validation_and_server_see_the_same_large_jpeg(server, trained_model, tm
     import torch
     from safetensors.torch import load_file
 
-    from sm_effdet.coco import DataReport, ImageRecord
     from sm_effdet.data import DetectionDataset, collate
     from sm_effdet.demo import draw_shapes_image
+    from sm_effdet.formats import DataReport, ImageRecord
     from sm_effdet.hyperparameters import parse_hyperparameters
     from sm_effdet.lightning_module import EfficientDetModule
     from sm_effdet.model import build_model

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import preprocessing
-from .coco import MAX_IMAGE_PIXELS, ImageRecord
+from .formats import MAX_IMAGE_PIXELS, ImageRecord
 
 log = logging.getLogger(__name__)
 

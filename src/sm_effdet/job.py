@@ -13,10 +13,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, coco, model_card, stops
+from . import artifacts, model_card, stops
 from .artifacts import remove_partial_model
 from .backbones import BACKBONES
-from .coco import DataReport, ImageRecord
 from .distributed import FailureWatchdog, Layout, plan_layout, set_rendezvous
 from .environment import (
     PRETRAINED_CHANNEL,
@@ -26,76 +25,28 @@ from .environment import (
     TrainingEnvironment,
 )
 from .errors import JobStopped, UserInputError, failure_reason, write_failure
+from .formats import REPORT_FILE, Category, DataReport, ImageRecord, read_dataset
 from .hyperparameters import Hyperparameters
 from .preprocessing import backbone_normalization
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "data_report.json"
 # How long a collective may wait; a failed rank is caught much sooner by the failure watchdog.
 DDP_TIMEOUT = timedelta(minutes=30)
 
 
 def prepare_data(
     env: TrainingEnvironment, hp: Hyperparameters, report: DataReport
-) -> tuple[list[coco.Category], list[ImageRecord], list[ImageRecord]]:
+) -> tuple[list[Category], list[ImageRecord], list[ImageRecord]]:
     """Read the training (and validation) channel and split; fail when nothing usable is left."""
     channel = env.channel(TRAINING_CHANNEL)
     if channel is None:
         raise UserInputError(
             f"the job has no '{TRAINING_CHANNEL}' channel ({env.paths.channel(TRAINING_CHANNEL)} "
-            "does not exist); give the COCO JSON and its images as a channel named 'training'."
+            "does not exist); give the annotations and their images as a channel named 'training'."
         )
-    split_path = None
-    if hp.split_file:
-        split_path = coco.safe_join(channel, hp.split_file)
-        if split_path is None or not split_path.is_file():
-            raise UserInputError(
-                f"split_file '{hp.split_file}' was not found in the training channel {channel}; "
-                "give a path relative to the channel's root or leave split_file out."
-            )
-    excluded = [hp.split_file] if hp.split_file else []
-    annotation_file = coco.find_annotation_file(channel, hp.annotations_file, excluded)
-    train_report = DataReport()
-    train_data = coco.load_coco(channel, annotation_file, train_report)
-    report.add_channel(TRAINING_CHANNEL, train_report)
-    coco.check_num_classes(hp.num_classes, train_data.categories)
-
-    val_channel = env.channel(VALIDATION_CHANNEL)
-    if split_path is not None:
-        train, val = coco.split_records(
-            train_data.images, split_file=split_path, val_fraction=0, seed=hp.seed, report=report
-        )
-        val_source = f"split file {split_path}"
-    elif val_channel is not None:
-        val_file = coco.find_annotation_file(val_channel, None, nameable=False)
-        val_report = DataReport()
-        val_data = coco.load_coco(val_channel, val_file, val_report, categories=train_data.categories)
-        report.add_channel(VALIDATION_CHANNEL, val_report)
-        coco.check_same_categories(train_data.categories, annotation_file,
-                                   val_data.file_categories, val_file)
-        train, val = train_data.images, val_data.images
-        report.split = {"how": "validation channel", "train": len(train), "val": len(val)}
-        val_source = f"validation channel's {val_file}"
-    else:
-        train, val = coco.split_records(
-            train_data.images, split_file=None, val_fraction=hp.val_fraction, seed=hp.seed,
-            report=report,
-        )
-
-    if not any(len(r.labels) for r in train):
-        raise UserInputError(
-            f"no usable training image with boxes is left in {annotation_file} (see "
-            f"output/data/{REPORT_FILE}: {report.summary()}); check file_name paths, boxes and "
-            "category ids."
-        )
-    if (split_path is not None or val_channel is not None) and not val:
-        raise UserInputError(
-            f"the validation set from the {val_source} is empty (see output/data/{REPORT_FILE}: "
-            f"{report.summary()}); give it usable images, or remove the split file or the "
-            "validation channel to hold out val_fraction of the training images at random."
-        )
-    return train_data.categories, train, val
+    dataset = read_dataset(channel, env.channel(VALIDATION_CHANNEL), hp, report)
+    return dataset.categories, dataset.train, dataset.val
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -204,7 +155,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
 
 
 def _report_data(
-    env: TrainingEnvironment, report: DataReport, categories: list[coco.Category], layout: Layout
+    env: TrainingEnvironment, report: DataReport, categories: list[Category], layout: Layout
 ) -> None:
     if layout.global_rank == 0:  # only global rank 0 writes reports and the model
         report.write(env.paths.output_data_dir / REPORT_FILE)
@@ -228,7 +179,7 @@ def _run_settings(hp: Hyperparameters, layout: Layout) -> dict[str, Any]:
 
 
 def _fit_meta(
-    hp: Hyperparameters, categories: list[coco.Category], report: DataReport,
+    hp: Hyperparameters, categories: list[Category], report: DataReport,
     train_records: list[ImageRecord], val_records: list[ImageRecord],
 ) -> dict[str, Any]:
     """What a checkpoint was made for; a resumed job must match it (checkpoints.find_resumable)."""
@@ -292,7 +243,7 @@ def _loaders(
 
 
 def _model(
-    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category],
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[Category],
     val_records: list[ImageRecord], report: DataReport, start: str,
 ) -> Any:
     from . import coco_eval
@@ -414,7 +365,7 @@ def _fit(
 
 
 def _write_artifacts(
-    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category],
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[Category],
     run: TrainingCallbacks, val_gt: Any, report: DataReport, trainer: Any, layout: Layout,
     started: float,
 ) -> tuple[list[Path], Any]:
@@ -453,7 +404,7 @@ def _write_artifacts(
 
 
 def _write_report(
-    env: TrainingEnvironment, hp: Hyperparameters, categories: list[coco.Category],
+    env: TrainingEnvironment, hp: Hyperparameters, categories: list[Category],
     train_records: list[ImageRecord], val_records: list[ImageRecord], report: DataReport,
     run: TrainingCallbacks, outcome: Any,
 ) -> None:

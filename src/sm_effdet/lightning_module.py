@@ -17,8 +17,8 @@ import torch
 
 from . import coco_eval, stops
 from .backbones import BACKBONES
-from .coco import DataReport
 from .errors import UserInputError
+from .formats import DataReport
 from .hyperparameters import Hyperparameters
 from .preprocessing import backbone_normalization, normalize
 

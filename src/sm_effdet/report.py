@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import coco_eval
-from .coco import Category, DataReport, ImageRecord
+from .formats import Category, DataReport, ImageRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import stops
-from .errors import UserInputError, shorten
+from .. import stops
+from ..errors import UserInputError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class DataReport:
         return f"data: {listed}; " + ", ".join(f"{k}={v}" for k, v in problems.items())
 
     def write(self, path: Path) -> None:
-        from .artifacts import atomic_write_text
+        from ..artifacts import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
@@ -346,6 +346,20 @@ def load_coco(
     coco = read_json_file(annotation_file, "COCO file")
     if not isinstance(coco, dict):
         raise UserInputError(f"COCO file {annotation_file} must hold a JSON object.")
+    return coco_records(channel, coco, annotation_file, report, categories)
+
+
+def coco_records(
+    channel: Path,
+    coco: dict,
+    annotation_file: Path,
+    report: DataReport,
+    categories: list[Category] | None = None,
+    image_root: Path | None = None,
+) -> CocoData:
+    """Image records from COCO-shaped data: every other format's reader builds this dict, so that
+    all formats share one validation and one report. `annotation_file` names the source in
+    messages; `image_root` is where `file_name`s start (found by itself when None)."""
     report.sources.append(str(annotation_file))
     file_categories = read_categories(coco, annotation_file, report)
     categories = categories or file_categories
@@ -357,7 +371,7 @@ def load_coco(
     report.add("boxes_listed", n=len(annotations))
 
     names = [e.get("file_name") for e in image_entries if isinstance(e, dict)]
-    root = _image_root(channel, annotation_file, names)
+    root = image_root if image_root is not None else _image_root(channel, annotation_file, names)
 
     entries: dict[Any, dict] = {}
     for entry in image_entries:
