@@ -15,6 +15,21 @@ from sm_effdet.demo import make_shapes_dataset
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train"
 
+# The network guard: this process and every Python process a test starts refuse connections
+# outside loopback (tests/netguard/sitecustomize.py; tests/test_network_guard.py checks it).
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(NETGUARD), os.environ.get("PYTHONPATH", "")) if p
+)
+sys.path.insert(0, str(NETGUARD))
+import sitecustomize  # noqa: E402,F401  (the guard; a no-op if site already loaded it)
+
+if not hasattr(sitecustomize, "OutsideConnectionError"):  # another sitecustomize came first
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("netguard", NETGUARD / "sitecustomize.py")
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+
 # Small and fast on a CPU, still a real EfficientDet through effdet and Lightning.
 FAST = {
     "backbone": "tf_lite0",
@@ -98,3 +113,52 @@ def tree(tmp_path: Path):
         return write_tree(tmp_path / "opt_ml", hyperparameters, **kwargs)
 
     return make
+
+
+# --- An AWS emulator on loopback (moto's server: S3, SageMaker, CloudWatch Logs) -------------
+# moto's SageMaker is shallow (shared/docs/sagemaker-launch-facts.md): a job is Completed at
+# once, its metrics and times are made up, nothing is written to S3. Tests that use it are
+# emulated tests: they assert what the launcher sends and what moto's S3 and Logs really hold.
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """The emulator's URL, started once per test session on 127.0.0.1."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint, monkeypatch, tmp_path):
+    """A clean emulator and an environment that points boto3 (in this process and in the
+    processes a test starts) at it, with fake credentials and no config files."""
+    import requests
+
+    requests.post(f"{moto_endpoint}/moto-api/reset", timeout=10).raise_for_status()
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    for key, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return moto_endpoint

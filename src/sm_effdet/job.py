@@ -20,7 +20,6 @@ from .distributed import FailureWatchdog, Layout, plan_layout, set_rendezvous
 from .environment import (
     PRETRAINED_CHANNEL,
     TRAINING_CHANNEL,
-    VALIDATION_CHANNEL,
     Paths,
     TrainingEnvironment,
 )
@@ -39,13 +38,12 @@ def prepare_data(
     env: TrainingEnvironment, hp: Hyperparameters, report: DataReport
 ) -> tuple[list[Category], list[ImageRecord], list[ImageRecord]]:
     """Read the training (and validation) channel and split; fail when nothing usable is left."""
-    channel = env.channel(TRAINING_CHANNEL)
-    if channel is None:
+    if env.channel(TRAINING_CHANNEL) is None:
         raise UserInputError(
             f"the job has no '{TRAINING_CHANNEL}' channel ({env.paths.channel(TRAINING_CHANNEL)} "
             "does not exist); give the annotations and their images as a channel named 'training'."
         )
-    dataset = read_dataset(channel, env.channel(VALIDATION_CHANNEL), hp, report)
+    dataset = read_dataset(env.channels, hp, report)
     return dataset.categories, dataset.train, dataset.val
 
 

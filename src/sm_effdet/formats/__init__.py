@@ -8,6 +8,7 @@ report and one split rule. Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ __all__ = [
 
 # Where the job writes the data report, relative to the output folder (named in messages).
 REPORT_FILE = "data_report.json"
+TRAINING, VALIDATION = "training", "validation"
 
 
 @dataclass
@@ -32,11 +34,16 @@ class Dataset:
     val: list[ImageRecord]
 
 
-def read_dataset(
-    training: Path, validation: Path | None, hp: Hyperparameters, report: DataReport
-) -> Dataset:
-    """Read the training (and validation) channel folders and split; fail when nothing usable
-    is left. `report` receives the counts per channel and the split."""
+def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: DataReport) -> Dataset:
+    """Read the channels' annotations (by channel name: "training", "validation", ...; local
+    folders) and split; fail when nothing usable is left. `report` receives the counts per
+    channel and the split."""
+    training, validation = channels.get(TRAINING), channels.get(VALIDATION)
+    if training is None:
+        raise UserInputError(
+            f"there is no '{TRAINING}' channel; give the annotations and their images as a "
+            f"channel named '{TRAINING}'."
+        )
     split_path = None
     if hp.split_file:
         split_path = coco.safe_join(training, hp.split_file)
@@ -49,7 +56,7 @@ def read_dataset(
     annotation_file = coco.find_annotation_file(training, hp.annotations_file, excluded)
     train_report = DataReport()
     train_data = coco.load_coco(training, annotation_file, train_report)
-    report.add_channel("training", train_report)
+    report.add_channel(TRAINING, train_report)
     coco.check_num_classes(hp.num_classes, train_data.categories)
 
     if split_path is not None:
@@ -61,7 +68,7 @@ def read_dataset(
         val_file = coco.find_annotation_file(validation, None, nameable=False)
         val_report = DataReport()
         val_data = coco.load_coco(validation, val_file, val_report, categories=train_data.categories)
-        report.add_channel("validation", val_report)
+        report.add_channel(VALIDATION, val_report)
         coco.check_same_categories(train_data.categories, annotation_file,
                                    val_data.file_categories, val_file)
         train, val = train_data.images, val_data.images
