@@ -34,6 +34,7 @@ PRECISION_ALIASES = {
     "bf16-mixed": "bf16-mixed",
 }
 MONITORS = ("valid_map", "valid_loss")
+ANNOTATION_FORMATS = ("auto", "coco", "groundtruth", "voc", "yolo", "createml", "builtin")
 # The peak learning rate when `learning_rate` is 'auto': each optimizer's own. SGD's is measured
 # from scratch on the shapes data (README, "Recipe": 0.01 reached mAP 0.13, 0.1 reached 0.44,
 # AdamW at 0.001 0.39).
@@ -310,6 +311,18 @@ class Hyperparameters:
     split_file: str | None = _spec(
         None, _as_str, 'JSON inside the training channel: {"train": [image ids], "val": [...]}',
         optional=True,
+    )
+    annotation_format: str = _spec(
+        "auto", _as_str, "the channels' annotation format: auto (detected per channel), coco, "
+        "groundtruth, voc, yolo, createml or builtin (the built-in algorithm's per-image JSON)",
+        _choice(*ANNOTATION_FORMATS),
+    )
+    keep_difficult: bool = _spec(
+        True, _as_bool, "Pascal VOC: train on boxes marked difficult; false drops them (counted)"
+    )
+    label_attribute: str | None = _spec(
+        None, _as_str, "Ground Truth manifests: the label attribute holding the boxes, when a "
+        "line has several (an adjustment job's, say)", optional=True,
     )
 
     def to_dict(self) -> dict[str, Any]:
