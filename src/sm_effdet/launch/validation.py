@@ -1,0 +1,126 @@
+"""Every request the launcher builds is checked here before any AWS call.
+
+botocore validates a request against SageMaker's service model when it is sent (required keys,
+unknown keys, types, minimums) but not the model's patterns, enums and maximums: a job name
+with an underscore or an instance type SageMaker does not know would only fail at the API, after
+the data was uploaded. `check_request` runs botocore's own validation offline and then walks
+the same model for what it leaves out, plus the cross-field rules of training jobs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import UserInputError, shorten
+
+SERVICE = "sagemaker"
+
+
+def service_model(service: str = SERVICE):
+    import botocore.session
+
+    return botocore.session.get_session().get_service_model(service)
+
+
+def check_request(operation: str, params: Mapping[str, Any], service: str = SERVICE) -> None:
+    """Fail with one sentence when `params` is not a valid `operation` request."""
+    from botocore.exceptions import ParamValidationError
+    from botocore.validate import validate_parameters
+
+    shape = service_model(service).operation_model(operation).input_shape
+    try:
+        validate_parameters(params, shape)
+    except ParamValidationError as exc:
+        # botocore's message: a header line, then one line per problem; the first one is named.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        problem = (lines[1:] or lines or ["unknown problem"])[0].rstrip(".")
+        raise UserInputError(f"the {operation} request is not valid: {problem}.") from None
+    problem = _walk(params, shape, operation)
+    if problem:
+        raise UserInputError(f"the {operation} request is not valid: {problem}.")
+    if operation == "CreateTrainingJob":
+        check_training_job_rules(params)
+    elif operation == "CreateHyperParameterTuningJob":
+        for definition in [params.get("TrainingJobDefinition")] + list(
+            params.get("TrainingJobDefinitions") or []
+        ):
+            if definition:
+                check_training_job_rules(definition)
+
+
+def _walk(value: Any, shape, where: str) -> str | None:
+    """The first pattern, enum or maximum that `value` breaks, as a phrase naming the field."""
+    kind = shape.type_name
+    meta = shape.metadata
+    if kind == "structure":
+        for name, member in shape.members.items():
+            if isinstance(value, Mapping) and name in value:
+                problem = _walk(value[name], member, f"{where}.{name}")
+                if problem:
+                    return problem
+        return None
+    if kind == "list":
+        if "max" in meta and len(value) > meta["max"]:
+            return f"{where} has {len(value)} entries, at most {meta['max']} are allowed"
+        for k, item in enumerate(value):
+            problem = _walk(item, shape.member, f"{where}[{k}]")
+            if problem:
+                return problem
+        return None
+    if kind == "map":
+        if "max" in meta and len(value) > meta["max"]:
+            return f"{where} has {len(value)} entries, at most {meta['max']} are allowed"
+        for key, item in value.items():
+            problem = _walk(key, shape.key, f"{where} key {shorten(key, 40)!r}") or _walk(
+                item, shape.value, f"{where}[{shorten(key, 40)!r}]"
+            )
+            if problem:
+                return problem
+        return None
+    if kind == "string":
+        if shape.enum and value not in shape.enum:
+            allowed = ", ".join(shape.enum) if len(shape.enum) <= 12 else (
+                ", ".join(shape.enum[:8]) + f" and {len(shape.enum) - 8} more"
+            )
+            return f"{where} is {shorten(value, 60)!r}, which is not one of {allowed}"
+        if "max" in meta and len(value) > meta["max"]:
+            return f"{where} is {len(value)} characters long, at most {meta['max']} are allowed"
+        pattern = meta.get("pattern")
+        if pattern and not re.fullmatch(pattern, value, flags=re.DOTALL):
+            return f"{where} is {shorten(value, 60)!r}, which does not match {shorten(pattern, 120)}"
+        return None
+    if kind in ("integer", "long", "float", "double"):
+        if "max" in meta and value > meta["max"]:
+            return f"{where} is {value}, at most {meta['max']} is allowed"
+    return None
+
+
+def check_training_job_rules(params: Mapping[str, Any]) -> None:
+    """What SageMaker refuses across fields, and what this project requires of a spot job."""
+    stopping = params.get("StoppingCondition") or {}
+    max_run = stopping.get("MaxRuntimeInSeconds")
+    max_wait = stopping.get("MaxWaitTimeInSeconds")
+    spot = params.get("EnableManagedSpotTraining", False)
+    if spot:
+        if max_wait is None:
+            raise UserInputError(
+                "a managed spot training job needs StoppingCondition.MaxWaitTimeInSeconds; set "
+                "it at least as long as MaxRuntimeInSeconds."
+            )
+        if max_run is not None and max_wait < max_run:
+            raise UserInputError(
+                f"MaxWaitTimeInSeconds ({max_wait}) is below MaxRuntimeInSeconds ({max_run}); a "
+                "spot job must be allowed to wait at least as long as it may run: raise the "
+                "maximum wait or lower the maximum run time."
+            )
+        if not (params.get("CheckpointConfig") or {}).get("S3Uri"):
+            raise UserInputError(
+                "a managed spot training job without CheckpointConfig restarts from scratch after "
+                "every interruption; give it a checkpoint S3 location or train on demand."
+            )
+    elif max_wait is not None:
+        raise UserInputError(
+            "MaxWaitTimeInSeconds is only for managed spot training; remove it or turn spot on."
+        )
