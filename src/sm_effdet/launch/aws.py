@@ -63,6 +63,9 @@ def explain(exc: BaseException) -> str:
                     "UnrecognizedClientException", "SignatureDoesNotMatch"):
             return (f"AWS did not accept these credentials for {operation} ({message or code}); "
                     "refresh them (aws sso login, or new keys) and run the command again.")
+        if code in ("ValidationException", "ResourceNotFound") and "not find" in message:
+            return (f"{message}; check the name and the region (AWS_REGION), or list the jobs "
+                    "with `aws sagemaker list-training-jobs`.")
         if code == "ValidationException":
             return f"SageMaker refused {operation}: {message}."
         return f"{operation} failed with {code}: {message or 'no message'}."
