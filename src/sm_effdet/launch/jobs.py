@@ -139,9 +139,13 @@ def fetch(job: str, directory: Path, *, sagemaker, s3, out=sys.stdout) -> Path:
         progress.close()
         target = directory / folder
         target.mkdir(exist_ok=True)
-        with tarfile.open(archive) as tar:
-            # The data filter refuses absolute paths, links out of the folder and devices.
-            tar.extractall(target, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                # The data filter refuses absolute paths, links out of the folder and devices.
+                tar.extractall(target, filter="data")
+        except tarfile.TarError as exc:
+            raise JobError(f"{uri} cannot be extracted safely ({exc}); it is not an archive "
+                           "this project's job wrote.") from None
         print(f"{uri} -> {target}", file=out)
         found += 1
     if not found:
