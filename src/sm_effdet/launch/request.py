@@ -71,7 +71,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     aws.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix in the bucket (default {DEFAULT_PREFIX})")
     aws.add_argument("--image", help="training image URI (default: REPOSITORY:TAG in the role "
                      "account's ECR, as `make push` prints it)")
-    aws.add_argument("--tag-version", dest="image_tag", metavar="TAG",
+    aws.add_argument("--image-tag", metavar="TAG",
                      help="image tag for the default image (default: git rev-parse --short HEAD)")
     aws.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
                      help=f"default {DEFAULT_INSTANCE_TYPE}")
