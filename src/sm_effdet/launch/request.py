@@ -309,6 +309,21 @@ def check_job_choices(args: argparse.Namespace, hyperparameters: dict[str, str])
         raise UserInputError("a VPC needs both --subnet and --security-group; give both or neither.")
 
 
+def check_instance_type(instance_type: str) -> None:
+    """An instance type SageMaker does not train on, named with advice (the model's enum)."""
+    from .validation import service_model
+
+    known = service_model().shape_for("TrainingInstanceType").enum
+    if instance_type not in known:
+        like = [t for t in known if t.split(".")[1:2] == instance_type.split(".")[1:2]][:6] or [
+            "ml.g5.xlarge", "ml.g6.xlarge", "ml.p4d.24xlarge", "ml.m5.xlarge"]
+        raise UserInputError(
+            f"--instance-type '{shorten(instance_type)}' is not an instance type SageMaker trains "
+            f"on; choose one such as {', '.join(like)} (all {len(known)} are listed under "
+            "TrainingInstanceType in botocore's SageMaker model)."
+        )
+
+
 def local_channels(args: argparse.Namespace) -> dict[str, str]:
     """Channel name -> the flag's value (--data is the training channel)."""
     flags = {"training": "data", "validation": "validation", "pretrained": "pretrained",
@@ -354,6 +369,7 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
 
     hyperparameters = read_hyperparameters(args.hyperparameters, args.set_values)
     check_job_choices(args, hyperparameters)
+    check_instance_type(args.instance_type)
     channels = local_channels(args)
     local = bool(getattr(args, "local", False))
     if local:
