@@ -4,6 +4,7 @@ No emulator and no AWS here: nothing is sent."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -166,3 +167,60 @@ def test_help_answers_in_under_two_seconds():
         assert done.returncode == 0 and "usage: sm-effdet" in done.stdout
         assert elapsed < 2.0, f"sm-effdet {' '.join(args)} took {elapsed:.2f} s"
     assert "--no-spot" in done.stdout and "--set KEY=VALUE" in done.stdout
+
+
+def test_local_mode_gets_file_uris_and_uploads_nothing(tmp_path, monkeypatch):
+    from sm_effdet.demo import make_shapes_dataset
+    from sm_effdet.launch.cli import build_parser
+    from sm_effdet.launch.request import prepare_training_request
+
+    data = tmp_path / "shapes"
+    make_shapes_dataset(data, n_images=6)
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(
+        ["train", "--local", "--data", str(data), "--validation", "s3://bkt/val/", "--name", "local-1"])
+    out = io.StringIO()
+    params = prepare_training_request(args, s3=None, out=out)  # no client: nothing can be sent
+    uris = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in params["InputDataConfig"]}
+    assert uris == {"training": data.resolve().as_uri(), "validation": "s3://bkt/val/"}
+    assert params["OutputDataConfig"]["S3OutputPath"] == (tmp_path / "sm-effdet-output" / "jobs").as_uri()
+    assert params["CheckpointConfig"]["S3Uri"].startswith("file://")
+    assert "6 images" in out.getvalue()
+
+
+def test_aws_errors_become_one_sentence_each():
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    from sm_effdet.launch.aws import explain
+
+    def error(code: str, message: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": message}}, "CreateTrainingJob")
+
+    cases = {
+        error("AccessDeniedException", "User: x is not authorized to perform: sagemaker:CreateTrainingJob"):
+            "AWS denied CreateTrainingJob",
+        error("ResourceLimitExceeded", "The account-level service limit 'ml.p4d.24xlarge for spot "
+              "training job usage' is 0 Instances"): "Service Quotas",
+        error("ThrottlingException", "Rate exceeded"): "kept throttling CreateTrainingJob after 8 attempts",
+        error("ValidationException", "Could not find training job 'x'"): "check the name and the region",
+        NoCredentialsError(): "no AWS credentials were found",
+    }
+    for exc, words in cases.items():
+        sentence = explain(exc)
+        assert words in sentence and "\n" not in sentence and sentence.endswith(".")
+
+
+def test_clients_use_botocores_standard_retry_mode(monkeypatch):
+    from sm_effdet.launch.aws import MAX_ATTEMPTS, client
+
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    sagemaker = client("sagemaker")
+    assert sagemaker.meta.region_name == "eu-west-1"
+    assert sagemaker.meta.config.retries == {"mode": "standard", "total_max_attempts": MAX_ATTEMPTS}
+
+
+def test_no_credentials_is_one_sentence_and_exit_1(tmp_path):
+    done = subprocess.run([sys.executable, str(SM_EFFDET), "logs", "some-job"], capture_output=True,
+                          text=True, env=no_aws_env(tmp_path), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("sm-effdet: no AWS credentials were found") and done.stderr.count("\n") == 1

@@ -23,7 +23,7 @@ def client(service: str, region: str | None = None):
 
     from .request import region_name
 
-    config = Config(retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS})
+    config = Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
     return boto3.session.Session().client(
         service, region_name=region or region_name(), config=config
     )
