@@ -280,7 +280,7 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
 def test_emulated_fetch_downloads_and_extracts_both_archives(clients, shapes, tmp_path):
     assert sm_effdet(*train_args(shapes, "--name", "job-fetch")).returncode == 0
     card = {"best_epoch": 7, "metrics": {"valid_map": 0.4321, "valid_map_50": 0.75}}
-    where = f"sm-effdet/jobs/job-fetch/output"
+    where = "sm-effdet/jobs/job-fetch/output"
     # What a real job leaves at its output path (moto writes nothing there).
     clients["s3"].put_object(Bucket=BUCKET, Key=f"{where}/model.tar.gz", Body=tar_gz(
         {"model.json": json.dumps(card).encode(), "model.safetensors": b"weights"}))

@@ -18,7 +18,11 @@ from botocore.validate import validate_parameters
 
 from sm_effdet.errors import UserInputError
 from sm_effdet.launch.request import (
-    build_training_request, default_image, job_name, metric_definitions, read_hyperparameters,
+    build_training_request,
+    default_image,
+    job_name,
+    metric_definitions,
+    read_hyperparameters,
 )
 from sm_effdet.launch.validation import check_request, service_model
 

@@ -32,7 +32,10 @@ def client(service: str, region: str | None = None):
 def explain(exc: BaseException) -> str:
     """One sentence for an error from boto3 or botocore: what AWS said and what to do."""
     from botocore.exceptions import (
-        ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError,
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        NoRegionError,
         PartialCredentialsError,
     )
 

@@ -163,8 +163,11 @@ def role_account(role: str | None) -> str:
     return match.group(1)
 
 
-def git_tag() -> str:
-    """`make`'s TAG: the checkout's short commit, else dev."""
+def git_tag() -> str | None:
+    """`make`'s TAG: the checkout's short commit ("dev" without git); None when installed from a
+    wheel, where no checkout says which image was pushed."""
+    if not (REPO_ROOT / "Makefile").is_file() or not (REPO_ROOT / "src" / "sm_effdet").is_dir():
+        return None
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=10)
@@ -175,8 +178,12 @@ def git_tag() -> str:
 
 def default_image(account: str, region: str, tag: str | None = None) -> str:
     """The URI `make push` prints: ACCOUNT.dkr.ecr.REGION.DOMAIN/REPOSITORY:TAG."""
+    tag = tag or git_tag()
+    if not tag:
+        raise UserInputError("no image was given and there is no checkout to take `make push`'s "
+                             "tag from; pass --image URI (or --image-tag TAG).")
     domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"{account}.dkr.ecr.{region}.{domain}/{REPOSITORY}:{tag or git_tag()}"
+    return f"{account}.dkr.ecr.{region}.{domain}/{REPOSITORY}:{tag}"
 
 
 def check_image(image: str) -> None:

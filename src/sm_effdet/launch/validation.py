@@ -107,7 +107,7 @@ UNICODE_CLASSES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(pattern: str) -> re.Pattern | None:
     """The pattern for Python's re; None for the few that only Java can read (surrogate ranges
     of Athena names, a quantified `$` in customer metadata), which are then not checked here."""
