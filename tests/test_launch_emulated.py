@@ -114,7 +114,7 @@ def test_emulated_bad_input_is_one_sentence_exit_2_and_nothing_is_created(case, 
 def test_emulated_data_without_annotations_is_refused_before_upload(clients, tmp_path):
     done = sm_effdet(*train_args(no_annotations(tmp_path)))
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("sm-effdet: ") and "empty" in done.stderr
+    assert done.stderr.startswith("sm-effdet: ") and "annotation file" in done.stderr
     assert objects(clients["s3"]) == {}
     assert clients["sagemaker"].list_training_jobs()["TrainingJobSummaries"] == []
 
