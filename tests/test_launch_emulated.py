@@ -312,3 +312,13 @@ def test_emulated_stop_of_an_ended_job_and_of_an_unknown_one(clients, shapes):
     unknown = sm_effdet("stop", "no-such-job")
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
     assert "Could not find training job" in unknown.stderr and "no-such-job" in unknown.stderr
+
+
+def test_emulated_a_stopped_job_exits_1_naming_its_checkpoints(clients, shapes):
+    job = running_job(clients, shapes, "job-stopped")
+    job.training_job_status = "Stopped"
+    done = sm_effdet("logs", "job-stopped", "--poll", "0.2")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "sm-effdet: training job job-stopped Stopped: it was stopped before it finished; its "
+        f"checkpoints are in s3://{BUCKET}/sm-effdet/checkpoints/job-stopped.")

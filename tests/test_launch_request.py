@@ -171,6 +171,10 @@ def test_help_answers_in_under_two_seconds():
         assert done.returncode == 0 and "usage: sm-effdet" in done.stdout
         assert elapsed < 2.0, f"sm-effdet {' '.join(args)} took {elapsed:.2f} s"
     assert "--no-spot" in done.stdout and "--set KEY=VALUE" in done.stdout
+    script = Path(sys.executable).parent / "sm-effdet"  # [project.scripts], as uv run finds it
+    if script.exists():
+        done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and "usage: sm-effdet" in done.stdout
 
 
 def test_local_mode_gets_file_uris_and_uploads_nothing(tmp_path, monkeypatch):

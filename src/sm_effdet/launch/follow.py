@@ -143,6 +143,12 @@ def follow(job: str, *, sagemaker, logs, out=sys.stdout, err=sys.stderr,
     status = description["TrainingJobStatus"]
     if status == "Completed":
         return 0
-    reason = description.get("FailureReason") or "SageMaker gave no reason"
+    reason = description.get("FailureReason")
+    if not reason:
+        checkpoint = (description.get("CheckpointConfig") or {}).get("S3Uri")
+        reason = "it was stopped before it finished" if status == "Stopped" else "SageMaker gave no reason"
+        if checkpoint:
+            reason += f"; its checkpoints are in {checkpoint}"
+        reason += "."
     print(f"sm-effdet: training job {job} {status}: {reason}", file=err)
     return 1
