@@ -221,17 +221,33 @@ def test_emulated_follow_merges_every_hosts_logs_by_time_until_the_end(clients, 
     put_logs(logs, "job-follow/algo-2-1764748800", [(base + 30, "b fourth")])
     put_logs(logs, "job-follow/algo-1-1764748800", [(base + 40, "a fifth")])
     wait_for(lambda: "[algo-1] a fifth" in reader.lines)
+    # A spot interruption: SageMaker's transitions, then a new stream per host for the new attempt.
+    for status, message in (("Interrupted", "Training job interrupted: spot capacity reclaimed"),
+                            ("Restarting", "Restarting the training job after an interruption")):
+        job.secondary_status_transitions.append(
+            {"Status": status, "StartTime": job.creation_time, "StatusMessage": message})
+    wait_for(lambda: any("Restarting: " in line for line in reader.lines))
+    put_logs(logs, "job-follow/algo-1-1764752400", [(base + 50, "a resumed from checkpoint")])
+    wait_for(lambda: "[algo-1] a resumed from checkpoint" in reader.lines)
     job.secondary_status_transitions.append(
-        {"Status": "Uploading", "StartTime": job.creation_time, "StatusMessage": "Uploading generated training model"})
+        {"Status": "Uploading", "StartTime": job.creation_time,
+         "StatusMessage": "Uploading generated training model"})
+    # What SageMaker reports at the end (moto would make these up; the test sets them).
+    job.final_metric_data_list = [{"MetricName": "validation:mAP", "Value": 0.5,
+                                   "Timestamp": job.creation_time}]
+    job.training_time_in_seconds, job.billable_time_in_seconds = 1000, 300
     job.training_job_status = "Completed"
     assert process.wait(timeout=30) == 0, process.stderr.read()
     reader.thread.join(timeout=10)
     tagged = [line for line in reader.lines if line.startswith("[")]
     assert tagged == ["[algo-1] a first", "[algo-2] b second", "[algo-1] a third",
-                      "[algo-2] b fourth", "[algo-1] a fifth"]
+                      "[algo-2] b fourth", "[algo-1] a fifth", "[algo-1] a resumed from checkpoint"]
     text = "\n".join(reader.lines)
     assert "Starting: Preparing the instances for training" in text
+    assert "Interrupted: Training job interrupted: spot capacity reclaimed" in text
     assert "Uploading: Uploading generated training model" in text
+    assert "final metrics: validation:mAP=0.5" in text
+    assert "training time: 1000 s, billable: 300 s (spot savings 70%)" in text
     assert "training job job-follow: Completed" in text
     assert f"model: s3://{BUCKET}/sm-effdet/jobs/job-follow/output/model.tar.gz" in text
     assert f"output: s3://{BUCKET}/sm-effdet/jobs/job-follow/output/output.tar.gz" in text
