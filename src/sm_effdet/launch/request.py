@@ -369,7 +369,8 @@ def check_local_data(channels: dict[str, str], hyperparameters: dict[str, str], 
 
 
 def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdout) -> dict[str, Any]:
-    """Check everything on this machine, then (unless a dry run or local) check the bucket and
+    """Check everything on this machine (the flags, hyperparameters, image, the request, then
+    the local data), then (unless a dry run or local) check the bucket and
     upload the local folders; return the validated CreateTrainingJob request."""
     from ..hyperparameters import parse_hyperparameters
     from .validation import check_request
@@ -389,7 +390,6 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
         region = region_name()
     image = args.image or default_image(account, region, getattr(args, "image_tag", None))
     check_image(image)
-    check_local_data(channels, hyperparameters, out=out)
 
     backbone = parse_hyperparameters(hyperparameters).backbone
     name = args.name or job_name(backbone)
@@ -426,6 +426,8 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
         tags=dict(args.tag),
     )
     check_request("CreateTrainingJob", _as_s3(request) if local else request)
+    # The data last of the local checks: reading a large annotation file takes the longest.
+    check_local_data(channels, hyperparameters, out=out)
     if args.dry_run or local:
         return request
     from .upload import check_bucket, upload_folder
