@@ -154,10 +154,16 @@ def test_emulated_upload_skips_what_is_there_and_the_job_gets_the_request(client
     assert sent["EnableManagedSpotTraining"] is True
 
 
-def test_emulated_s3_uris_are_used_as_they_are(clients, shapes):
+def test_emulated_s3_uris_are_used_as_they_are_and_train_follows_to_the_end(clients, shapes):
     done = sm_effdet("train", "--data", "s3://elsewhere/data/", "--role", ROLE, "--bucket",
-                     BUCKET, "--no-spot", "--name", "job-s3", "--no-wait")
+                     BUCKET, "--no-spot", "--name", "job-s3", "--poll", "0.2")
     assert done.returncode == 0, done.stderr
+    # Without --no-wait, train follows the job to its summary (moto ends it at once).
+    assert done.stdout.splitlines()[-3:] == [
+        f"model: s3://{BUCKET}/sm-effdet/jobs/job-s3/output/model.tar.gz",
+        f"output: s3://{BUCKET}/sm-effdet/jobs/job-s3/output/output.tar.gz",
+        "console: https://us-east-1.console.aws.amazon.com/sagemaker/home?region=us-east-1#/jobs/job-s3",
+    ]
     sent = clients["sagemaker"].describe_training_job(TrainingJobName="job-s3")
     assert sent["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://elsewhere/data/"
     assert objects(clients["s3"]) == {}
