@@ -36,6 +36,14 @@ def check_bucket(s3, bucket: str, prefix: str) -> None:
                 f"the bucket '{bucket}' does not exist; create it in your region "
                 f"(aws s3 mb s3://{bucket}) or pass an existing one with --bucket."
             ) from None
+        if code in ("301", "PermanentRedirect"):
+            where = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(
+                "x-amz-bucket-region", "another region")
+            raise UserInputError(
+                f"the bucket '{bucket}' is in {where}, not in {s3.meta.region_name} where the job "
+                "runs; SageMaker reads and writes only buckets of its own region: pass one with "
+                "--bucket or set AWS_REGION to the bucket's region."
+            ) from None
         if code in ("403", "AccessDenied", "Forbidden"):
             raise UserInputError(
                 f"the bucket '{bucket}' cannot be read with these credentials; pass a bucket of "
