@@ -186,13 +186,15 @@ def test_local_mode_gets_file_uris_and_uploads_nothing(tmp_path, monkeypatch):
     make_shapes_dataset(data, n_images=6)
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(
-        ["train", "--local", "--data", str(data), "--validation", "s3://bkt/val/", "--name", "local-1"])
+        ["train", "--local", "--data", str(data), "--validation", "s3://bkt/val/", "--name", "local-1",
+         "--image", "sm-effdet:dev"])
     out = io.StringIO()
     params = prepare_training_request(args, s3=None, out=out)  # no client: nothing can be sent
     uris = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in params["InputDataConfig"]}
     assert uris == {"training": data.resolve().as_uri(), "validation": "s3://bkt/val/"}
     assert params["OutputDataConfig"]["S3OutputPath"] == (tmp_path / "sm-effdet-output" / "jobs").as_uri()
     assert params["CheckpointConfig"]["S3Uri"].startswith("file://")
+    assert params["AlgorithmSpecification"]["TrainingImage"] == "sm-effdet:dev"  # built here, not in ECR
     assert "6 images" in out.getvalue()
 
 

@@ -389,7 +389,8 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
         account = role_account(role)
         region = region_name()
     image = args.image or default_image(account, region, getattr(args, "image_tag", None))
-    check_image(image)
+    if not local:  # a local run may use an image that was only built here (`docker run`)
+        check_image(image)
 
     backbone = parse_hyperparameters(hyperparameters).backbone
     name = args.name or job_name(backbone)
