@@ -36,7 +36,7 @@ DEPLOY_NAME ?= $(IMAGE)-$(TAG)-$(shell date -u +%Y%m%d-%H%M%S)
 # Extra container environment for serve, e.g. SERVE_ENV='"SERVE_SCORE_THRESHOLD":"0.5"'
 SERVE_ENV ?=
 
-.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy
+.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy train-job logs
 
 help: ## List the targets
 	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
@@ -112,6 +112,18 @@ deploy: ## SageMaker Model, EndpointConfig and Endpoint from MODEL_DATA=s3://...
 		--production-variants "VariantName=AllTraffic,ModelName=$(DEPLOY_NAME),InstanceType=$(INSTANCE_TYPE),InitialInstanceCount=$(INSTANCE_COUNT)"; \
 	aws sagemaker create-endpoint --region "$$region" --endpoint-name "$(DEPLOY_NAME)" --endpoint-config-name "$(DEPLOY_NAME)"; \
 	echo "Endpoint $(DEPLOY_NAME) is being created: aws sagemaker wait endpoint-in-service --region $$region --endpoint-name $(DEPLOY_NAME)"
+
+# make train-job / logs: the launcher alone (boto3, no torch); --image-tag follows TAG like push.
+SM_EFFDET ?= $(UV) run --frozen --only-group launch ./sm-effdet
+ARGS ?=
+JOB ?=
+
+train-job: ## Launch a SageMaker training job: make train-job ARGS='--data DIR --role ARN ...' (sm-effdet train)
+	$(if $(REGION),AWS_REGION=$(REGION)) $(SM_EFFDET) train --image-tag $(TAG) $(ARGS)
+
+logs: ## Follow a training job: make logs JOB=NAME (sm-effdet logs)
+	@test -n "$(JOB)" || { echo "Set JOB=<training job name> (sm-effdet train prints it)" >&2; exit 1; }
+	$(if $(REGION),AWS_REGION=$(REGION)) $(SM_EFFDET) logs $(JOB)
 
 image-test: ## Build the image with buildah (no Docker engine) and check it end to end (as root)
 	bash scripts/image_test.sh

@@ -1,10 +1,55 @@
-"""The `sm-effdet` command."""
+"""The `sm-effdet` command: subcommands from COMMAND_MODULES, errors as one sentence.
+
+A user error (bad flag value, data, hyperparameter, request) exits 2 before anything is
+created; an AWS error exits 1 with one sentence (`aws.explain`). Nothing here imports boto3 or
+the data reader at module level, so that `--help` answers at once.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
+
+from ..errors import JobError, UserInputError
+
+# Each module has add_commands(subparsers); each subparser sets run=callable(args) -> int.
+COMMAND_MODULES = ("sm_effdet.launch.jobs",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sm-effdet",
+        description="Launch, follow and fetch this container's SageMaker jobs (boto3). Region "
+        "and credentials the boto3 way (AWS_REGION, AWS_PROFILE, ...); AWS_ENDPOINT_URL honoured.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(subparsers)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("sm-effdet: not built yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserInputError as exc:
+        print(f"sm-effdet: {exc}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"sm-effdet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sm-effdet: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):
+            from .aws import explain
+
+            print(f"sm-effdet: {explain(exc)}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ the same model for what it leaves out, plus the cross-field rules of training jo
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -88,13 +89,34 @@ def _walk(value: Any, shape, where: str) -> str | None:
         if "max" in meta and len(value) > meta["max"]:
             return f"{where} is {len(value)} characters long, at most {meta['max']} are allowed"
         pattern = meta.get("pattern")
-        if pattern and not re.fullmatch(pattern, value, flags=re.DOTALL):
+        compiled = _compiled(pattern) if pattern else None
+        if compiled is not None and not compiled.fullmatch(value):
             return f"{where} is {shorten(value, 60)!r}, which does not match {shorten(pattern, 120)}"
         return None
     if kind in ("integer", "long", "float", "double"):
         if "max" in meta and value > meta["max"]:
             return f"{where} is {value}, at most {meta['max']} is allowed"
     return None
+
+
+# Java's Unicode classes in the model's patterns (tag keys and values, say), which Python's re
+# lacks, as the nearest classes it has; each is as wide or wider, so nothing valid is refused.
+UNICODE_CLASSES = {
+    r"\p{L}": r"\w", r"\p{M}": r"\w", r"\p{N}": r"\d", r"\p{Alnum}": r"\w", r"\p{Z}": r"\s",
+    r"\p{P}": r"\W", r"\p{S}": r"\W",
+}
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern | None:
+    """The pattern for Python's re; None for the few that only Java can read (surrogate ranges
+    of Athena names, a quantified `$` in customer metadata), which are then not checked here."""
+    for java, python in UNICODE_CLASSES.items():
+        pattern = pattern.replace(java, python)
+    try:
+        return re.compile(pattern, flags=re.DOTALL)
+    except re.error:
+        return None
 
 
 def check_training_job_rules(params: Mapping[str, Any]) -> None:

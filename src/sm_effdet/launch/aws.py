@@ -1,0 +1,75 @@
+"""boto3 clients the boto3 way, and AWS errors as one sentence each."""
+
+from __future__ import annotations
+
+from ..errors import shorten
+
+# Throttling and transient errors are retried by botocore's standard mode (exponential backoff
+# with jitter, a retry quota); this many attempts in all before the error reaches the user.
+MAX_ATTEMPTS = 8
+
+THROTTLING = {
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+    "SlowDown", "RequestThrottled",
+}
+
+
+def client(service: str, region: str | None = None):
+    """A client with standard retries; region and credentials from the environment or profile,
+    AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>) honoured by botocore itself."""
+    import boto3
+    from botocore.config import Config
+
+    from .request import region_name
+
+    config = Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
+    return boto3.session.Session().client(
+        service, region_name=region or region_name(), config=config
+    )
+
+
+def explain(exc: BaseException) -> str:
+    """One sentence for an error from boto3 or botocore: what AWS said and what to do."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        NoRegionError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ("no AWS credentials were found; configure them with `aws configure`, AWS_PROFILE "
+                "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    if isinstance(exc, NoRegionError):
+        return "no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or a profile's region."
+    if isinstance(exc, EndpointConnectionError):
+        return (f"cannot reach AWS at {exc.kwargs.get('endpoint_url')}; check the network, the "
+                "region and AWS_ENDPOINT_URL.")
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        message = shorten(str(error.get("Message") or "").strip().rstrip("."), 600)
+        operation = exc.operation_name
+        if code in ("AccessDenied", "AccessDeniedException", "403", "UnauthorizedOperation"):
+            return (f"AWS denied {operation} to these credentials ({message or code}); give "
+                    "your user or role the permission it names, or use other credentials.")
+        if code == "ResourceLimitExceeded":
+            return (f"SageMaker refused {operation} for a quota ({message}); request a higher "
+                    "quota for this instance type in Service Quotas (Amazon SageMaker), or choose "
+                    "another --instance-type or a lower --instance-count.")
+        if code in THROTTLING:
+            return (f"AWS kept throttling {operation} after {MAX_ATTEMPTS} attempts with backoff "
+                    "(botocore's standard retry mode); wait a minute and run the command again.")
+        if code in ("ExpiredToken", "ExpiredTokenException", "InvalidClientTokenId",
+                    "UnrecognizedClientException", "SignatureDoesNotMatch"):
+            return (f"AWS did not accept these credentials for {operation} ({message or code}); "
+                    "refresh them (aws sso login, or new keys) and run the command again.")
+        if code in ("ValidationException", "ResourceNotFound") and "not find" in message:
+            return (f"{message}; check the name and the region (AWS_REGION), or list the jobs "
+                    "with `aws sagemaker list-training-jobs`.")
+        if code == "ValidationException":
+            return f"SageMaker refused {operation}: {message}."
+        return f"{operation} failed with {code}: {message or 'no message'}."
+    return f"the AWS call failed: {shorten(str(exc), 600)}."
