@@ -435,15 +435,50 @@ def test_emulated_deploy_of_a_job_that_is_not_completed_is_one_sentence(clients)
     completed_job(clients, "still-training")
     # moto makes every job Completed at once; its own record is set to the status a real job
     # has for its first minutes.
-    from moto.sagemaker.models import sagemaker_backends
-
-    sagemaker_backends["123456789012"]["us-east-1"].training_jobs["still-training"].training_job_status = "InProgress"
+    moto_record("training_jobs", "still-training").training_job_status = "InProgress"
     args = parsed("deploy", "still-training")
     with pytest.raises(UserInputError) as exc:
         args.run(args, sagemaker=clients["sagemaker"], runtime=clients["sagemaker-runtime"], s3=clients["s3"], out=io.StringIO())
     text = one_sentence(exc)
     assert "still-training is InProgress, not Completed" in text and "sm-effdet logs still-training" in text
     _nothing_created(clients)
+
+
+def moto_record(kind: str, name: str):
+    """moto's own record of a resource, to give it a status moto never reaches by itself."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    return getattr(sagemaker_backends["123456789012"]["us-east-1"], kind)[name]
+
+
+def test_emulated_a_failed_endpoint_gives_its_failure_reason(clients, tmp_path):
+    completed_job(clients)
+    args = parsed("deploy", "sm-effdet-tf-lite0-20261203-074500", "--endpoint-name", "ep-fails", "--no-wait")
+    assert args.run(args, sagemaker=clients["sagemaker"], runtime=clients["sagemaker-runtime"], s3=clients["s3"], out=io.StringIO()) == 0
+    endpoint = moto_record("endpoints", "ep-fails")
+    endpoint.endpoint_status = "Failed"
+    endpoint.failure_reason = "The primary container for production variant AllTraffic did not pass the ping health check."
+    out = io.StringIO()
+    description = hosting.wait_for(
+        lambda: clients["sagemaker"].describe_endpoint(EndpointName="ep-fails"), "EndpointStatus",
+        done="InService", out=out, poll_seconds=0, timeout_seconds=60,
+    )
+    assert out.getvalue().split() == ["00:00", "Failed"]
+    problem = hosting._ended(description, "EndpointStatus", "InService", "endpoint ep-fails", 30)
+    assert problem == ("endpoint ep-fails is Failed: The primary container for production variant AllTraffic did "
+                       "not pass the ping health check.")
+
+
+def test_emulated_an_endpoint_being_created_is_not_updated(clients):
+    completed_job(clients)
+    given = {"sagemaker": clients["sagemaker"], "runtime": clients["sagemaker-runtime"], "s3": clients["s3"]}
+    args = parsed("deploy", "sm-effdet-tf-lite0-20261203-074500", "--endpoint-name", "busy", "--no-wait")
+    assert args.run(args, **given, out=io.StringIO()) == 0
+    moto_record("endpoints", "busy").endpoint_status = "Creating"
+    with pytest.raises(UserInputError) as exc:
+        args.run(args, **given, out=io.StringIO())
+    assert "endpoint busy exists and is Creating" in one_sentence(exc)
+    assert len(clients["sagemaker"].list_models()["Models"]) == 1  # the first deploy's only
 
 
 @pytest.mark.parametrize(
