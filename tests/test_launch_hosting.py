@@ -423,6 +423,19 @@ def test_emulated_deploy_a_model_uri_with_a_sample_image(clients, tmp_path):
     assert config_name.startswith("my-endpoint-")
 
 
+def test_emulated_a_refused_endpoint_config_leaves_no_model_behind(clients, tmp_path):
+    # moto's list of instance types is older than botocore's: it refuses ml.g5.xlarge, which
+    # the service model (and SageMaker) know. That is an API refusal after CreateModel.
+    from botocore.exceptions import ClientError
+
+    completed_job(clients)
+    args = parsed("deploy", "sm-effdet-tf-lite0-20261203-074500", "--instance-type", "ml.g5.xlarge")
+    with pytest.raises(ClientError) as exc:
+        args.run(args, sagemaker=clients["sagemaker"], runtime=clients["sagemaker-runtime"], s3=clients["s3"], out=io.StringIO())
+    assert exc.value.operation_name == "CreateEndpointConfig"
+    _nothing_created(clients)
+
+
 def _nothing_created(clients) -> None:
     sm = clients["sagemaker"]
     assert sm.list_models()["Models"] == []

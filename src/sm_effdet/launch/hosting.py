@@ -4,6 +4,7 @@ same image, as a real-time endpoint or a Batch Transform job (README, "What serv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import struct
 import sys
@@ -269,11 +270,27 @@ def sample_image(path: Path | None) -> tuple[bytes, str, str]:
         raise UserInputError(f"cannot read the --sample image {path}: {exc.strerror}.") from None
 
 
-def invoke(runtime, endpoint: str, body: bytes, content_type: str, label: str, out: TextIO) -> None:
+def invoke(runtime, endpoint: str, body: bytes, content_type: str, label: str, out: TextIO) -> bool:
+    """Send one image and print the answer; False when the container refused it."""
+    from botocore.exceptions import ClientError
+
     print(f"InvokeEndpoint {endpoint} with {label} ({content_type}, {len(body)} bytes):", file=out)
-    response = runtime.invoke_endpoint(
-        EndpointName=endpoint, ContentType=content_type, Accept="application/json", Body=body
-    )
+    try:
+        response = runtime.invoke_endpoint(
+            EndpointName=endpoint, ContentType=content_type, Accept="application/json", Body=body
+        )
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        if error.get("Code") != "ModelError":
+            raise
+        # The endpoint is up; serve answered 4xx/5xx (its {"error": sentence} is in Message).
+        print(
+            f"sm-effdet: endpoint {endpoint} is InService but answered "
+            f"{exc.response.get('OriginalStatusCode', 'an error')}: "
+            f"{shorten(error.get('Message', ''), 600)}",
+            file=sys.stderr,
+        )
+        return False
     answer = response["Body"].read().decode("utf-8", errors="replace")
     try:
         answer = json.dumps(json.loads(answer), indent=1)
@@ -282,6 +299,7 @@ def invoke(runtime, endpoint: str, body: bytes, content_type: str, label: str, o
     if len(answer) > ANSWER_LIMIT:
         answer = answer[:ANSWER_LIMIT] + f"\n... ({len(answer)} characters in all)"
     print(answer, file=out, flush=True)
+    return True
 
 
 # --- deploy -----------------------------------------------------------------------------
@@ -316,6 +334,22 @@ def create_model(sagemaker, args, source: Mapping[str, Any], name: str, out: Tex
     origin = f" (training job {source['JobName']})" if source["JobName"] else ""
     print(f"CreateModel {name}: {source['ModelDataUrl']}{origin}, image {image}", file=out)
     return name
+
+
+@contextlib.contextmanager
+def _undone_on_error(sagemaker, *, model: str, endpoint_config: str | None = None):
+    """A call refused after the model (and config) were created deletes them again, so that a
+    failed deploy leaves nothing behind; the refusal itself goes on to the user."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
+    except ClientError:
+        with contextlib.suppress(ClientError):
+            if endpoint_config:
+                sagemaker.delete_endpoint_config(EndpointConfigName=endpoint_config)
+            sagemaker.delete_model(ModelName=model)
+        raise
 
 
 def _existing_endpoint(sagemaker, name: str) -> dict | None:
@@ -353,17 +387,21 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
     )
     endpoint_request(endpoint, names)  # checked before the model is created
     create_model(sagemaker, args, source, names, out)
-    sagemaker.create_endpoint_config(**config)
+    with _undone_on_error(sagemaker, model=names):
+        sagemaker.create_endpoint_config(**config)
     print(f"CreateEndpointConfig {names}: {args.instance_count} x {args.instance_type}", file=out)
+    with _undone_on_error(sagemaker, model=names, endpoint_config=names):
+        if existing:
+            sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=names)
+        else:
+            sagemaker.create_endpoint(**endpoint_request(endpoint, names))
     if existing:
-        sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=names)
         print(
             f"UpdateEndpoint {endpoint}: it exists, so it moves to the new config "
             f"{names} (it serves the old one until the new one is InService).",
             file=out,
         )
     else:
-        sagemaker.create_endpoint(**endpoint_request(endpoint, names))
         print(f"CreateEndpoint {endpoint}", file=out)
     if args.no_wait:
         print(
@@ -390,14 +428,14 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
         print(f"sm-effdet: {problem}", file=sys.stderr)
         return 1
     body, content_type, label = sample_image(args.sample)
-    invoke(runtime, endpoint, body, content_type, label, out)
+    answered = invoke(runtime, endpoint, body, content_type, label, out)
     print(
         f"Call it: aws sagemaker-runtime invoke-endpoint --endpoint-name {endpoint} "
         "--content-type image/jpeg --body fileb://photo.jpg out.json",
         file=out,
     )
     print(f"Delete it: aws sagemaker delete-endpoint --endpoint-name {endpoint}", file=out)
-    return 0
+    return 0 if answered else 1
 
 
 # --- transform --------------------------------------------------------------------------
@@ -440,7 +478,8 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
         environment=environment,
     )
     create_model(sagemaker, args, source, name, out)
-    sagemaker.create_transform_job(**request)
+    with _undone_on_error(sagemaker, model=name):
+        sagemaker.create_transform_job(**request)
     more = "+" if count >= 1000 else ""
     print(
         f"CreateTransformJob {name}: {count}{more} objects under {args.input} "
