@@ -482,6 +482,24 @@ def test_emulated_a_failed_endpoint_gives_its_failure_reason(clients, tmp_path):
                        "not pass the ping health check.")
 
 
+def test_emulated_the_wait_is_bounded(clients):
+    completed_job(clients)
+    args = parsed("deploy", "sm-effdet-tf-lite0-20261203-074500", "--endpoint-name", "slow", "--no-wait")
+    assert args.run(args, sagemaker=clients["sagemaker"], runtime=clients["sagemaker-runtime"], s3=clients["s3"], out=io.StringIO()) == 0
+    moto_record("endpoints", "slow").endpoint_status = "Creating"
+    out, calls = io.StringIO(), []
+
+    def describe():
+        calls.append(1)
+        return clients["sagemaker"].describe_endpoint(EndpointName="slow")
+
+    description = hosting.wait_for(describe, "EndpointStatus", done="InService", out=out, poll_seconds=0.3, timeout_seconds=1)
+    assert 2 <= len(calls) <= 6
+    assert out.getvalue().split() == ["00:00", "Creating"]  # printed once, not at every poll
+    problem = hosting._ended(description, "EndpointStatus", "InService", "endpoint slow", 1 / 60)
+    assert problem.startswith("endpoint slow is still Creating after")
+
+
 def test_emulated_an_endpoint_being_created_is_not_updated(clients):
     completed_job(clients)
     given = {"sagemaker": clients["sagemaker"], "runtime": clients["sagemaker-runtime"], "s3": clients["s3"]}

@@ -210,6 +210,15 @@ def wait_for(
         sleep(poll_seconds)
 
 
+def _interruptible(goes_on: str, *args, **kwargs) -> dict | None:
+    """wait_for, where Ctrl-C stops waiting (not the resource) and says how to look at it."""
+    try:
+        return wait_for(*args, **kwargs)
+    except KeyboardInterrupt:
+        print(f"\nStopped waiting; the {goes_on}", file=kwargs["out"])
+        return None
+
+
 def _ended(
     description: Mapping[str, Any], status_key: str, done: str, what: str, minutes: float
 ) -> str | None:
@@ -412,7 +421,9 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
     print(
         f"Waiting for {endpoint} to be InService (at most {args.wait_minutes:g} minutes):", file=out
     )
-    description = wait_for(
+    description = _interruptible(
+        f"endpoint {endpoint} goes on being created: aws sagemaker describe-endpoint "
+        f"--endpoint-name {endpoint}",
         lambda: sagemaker.describe_endpoint(EndpointName=endpoint),
         "EndpointStatus",
         done="InService",
@@ -421,6 +432,8 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
         timeout_seconds=args.wait_minutes * 60,
         sleep=sleep,
     )
+    if description is None:
+        return 130
     problem = _ended(
         description, "EndpointStatus", "InService", f"endpoint {endpoint}", args.wait_minutes
     )
@@ -493,7 +506,9 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
         )
         return 0
     print(f"Waiting for {name} (at most {args.wait_minutes:g} minutes):", file=out)
-    description = wait_for(
+    description = _interruptible(
+        f"transform job {name} goes on: aws sagemaker describe-transform-job "
+        f"--transform-job-name {name}",
         lambda: sagemaker.describe_transform_job(TransformJobName=name),
         "TransformJobStatus",
         done="Completed",
@@ -502,6 +517,8 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
         timeout_seconds=args.wait_minutes * 60,
         sleep=sleep,
     )
+    if description is None:
+        return 130
     problem = _ended(
         description, "TransformJobStatus", "Completed", f"transform job {name}", args.wait_minutes
     )

@@ -441,9 +441,14 @@ def run_tune(args, *, sagemaker=None, s3=None, out: TextIO = sys.stdout) -> int:
     ranges = parameter_ranges(merge_search_space(default_search_space(static), overrides), source)
     backbone = parse_hyperparameters(static).backbone
     name = args.name or tuning_job_name(backbone)
+    dry_run = getattr(args, "dry_run", False)
     for tuned in tuned_names(ranges):
         if tuned in static:
-            print(f"{tuned} is tuned: its value {static[tuned]!r} is not used.", file=out)
+            # On stderr for --dry-run, whose stdout is the request alone.
+            print(
+                f"{tuned} is tuned: its value {static[tuned]!r} is not used.",
+                file=sys.stderr if dry_run else out,
+            )
     request = tuning_job_request(
         training,
         name=name,
@@ -453,7 +458,7 @@ def run_tune(args, *, sagemaker=None, s3=None, out: TextIO = sys.stdout) -> int:
         strategy=args.strategy,
         early_stopping=args.early_stopping,
     )
-    if getattr(args, "dry_run", False):
+    if dry_run:
         print(json.dumps(request, indent=2), file=out)
         return 0
     sagemaker.create_hyper_parameter_tuning_job(**request)
@@ -468,4 +473,13 @@ def run_tune(args, *, sagemaker=None, s3=None, out: TextIO = sys.stdout) -> int:
             file=out,
         )
         return 0
-    return follow_tuning_job(sagemaker, name, out=out)
+    try:
+        return follow_tuning_job(sagemaker, name, out=out)
+    except KeyboardInterrupt:
+        print(
+            f"\nStopped following; tuning job {name} goes on. Look at it: aws sagemaker "
+            f"describe-hyper-parameter-tuning-job --hyper-parameter-tuning-job-name {name}; stop "
+            f"it: aws sagemaker stop-hyper-parameter-tuning-job --hyper-parameter-tuning-job-name {name}",
+            file=out,
+        )
+        return 130
