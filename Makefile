@@ -26,7 +26,7 @@ DOCKER ?= docker
 CA_BUNDLE ?=
 
 # make deploy: a SageMaker endpoint from a training job's model.tar.gz, through `sm-effdet deploy`.
-SM_EFFDET ?= $(UV) run --frozen sm-effdet
+SM_EFFDET ?= $(UV) run --frozen --only-group launch ./sm-effdet
 # Either one: the S3 URI of a model.tar.gz, or a Completed training job (its model, image and
 # role are found by sm-effdet).
 MODEL_DATA ?=

@@ -9,6 +9,7 @@ the same model for what it leaves out, plus the cross-field rules of training jo
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -88,7 +89,8 @@ def _walk(value: Any, shape, where: str) -> str | None:
         if "max" in meta and len(value) > meta["max"]:
             return f"{where} is {len(value)} characters long, at most {meta['max']} are allowed"
         pattern = meta.get("pattern")
-        if pattern and not _matches(pattern, value):
+        compiled = _compiled(pattern) if pattern else None
+        if compiled is not None and not compiled.fullmatch(value):
             return f"{where} is {shorten(value, 60)!r}, which does not match {shorten(pattern, 120)}"
         return None
     if kind in ("integer", "long", "float", "double"):
@@ -97,25 +99,24 @@ def _walk(value: Any, shape, where: str) -> str | None:
     return None
 
 
-# The model's patterns are Java's; some use Unicode classes Python's re lacks (Tags: \p{L},
-# \p{Z}, \p{N}; ARNs: \p{Alnum}), always inside brackets. They become ranges that accept at
-# least what Java does (every character from U+00C0 on counts as a letter): the check may let
-# a rare tag through that SageMaker refuses, never the reverse.
-JAVA_CLASSES = {
-    r"\p{L}": "a-zA-Z\u00aa\u00b5\u00ba\u00c0-\u00d6\u00d8-\u00f6\u00f8-\U0010ffff",
-    r"\p{N}": "0-9\u00b2\u00b3\u00b9\u00bc-\u00be",
-    r"\p{Z}": " \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000",
-    r"\p{Alnum}": "a-zA-Z0-9",
+# Java's Unicode classes in the model's patterns (tag keys and values, say), which Python's re
+# lacks, as the nearest classes it has; each is as wide or wider, so nothing valid is refused.
+UNICODE_CLASSES = {
+    r"\p{L}": r"\w", r"\p{M}": r"\w", r"\p{N}": r"\d", r"\p{Alnum}": r"\w", r"\p{Z}": r"\s",
+    r"\p{P}": r"\W", r"\p{S}": r"\W",
 }
 
 
-def _matches(pattern: str, value: str) -> bool:
-    for java, python in JAVA_CLASSES.items():
+@functools.lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern | None:
+    """The pattern for Python's re; None for the few that only Java can read (surrogate ranges
+    of Athena names, a quantified `$` in customer metadata), which are then not checked here."""
+    for java, python in UNICODE_CLASSES.items():
         pattern = pattern.replace(java, python)
     try:
-        return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
+        return re.compile(pattern, flags=re.DOTALL)
     except re.error:
-        return True  # a pattern Python cannot read is left to SageMaker, as botocore does
+        return None
 
 
 def check_training_job_rules(params: Mapping[str, Any]) -> None:
