@@ -614,7 +614,7 @@ def test_emulated_cli_tune_creates_the_job(clients, tmp_path):
 @pytest.mark.parametrize(
     "extra, ranges, expected",
     [
-        (["--name", "a-tuning-job-name-of-40-characters-long"], None, "40 characters"),
+        (["--name", "a-tuning-job-name-of-39-characters-long"], None, "39 characters long"),
         ([], {"learning_rte": {"min": 0.001, "max": 0.01}}, "learning_rte"),
         ([], {"img_size": [100]}, "'img_size' has invalid value '100'"),
     ],

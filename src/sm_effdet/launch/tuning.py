@@ -413,6 +413,9 @@ def add_commands(subparsers) -> None:
         choices=("Bayesian", "Random", "Hyperband", "Grid"),
     )
     parser.add_argument("--early-stopping", default="Auto", choices=("Auto", "Off"))
+    parser.add_argument(
+        "--no-wait", action="store_true", help="create the tuning job and return (like train's)"
+    )
     parser.set_defaults(run=run_tune)
 
 
