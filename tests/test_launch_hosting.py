@@ -584,7 +584,7 @@ def test_emulated_tuning_job_is_created_as_built(clients):
 
 def sm_effdet(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     code = "import sys; from sm_effdet.launch.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *argv], check=False, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=os.environ.copy())
 
 
@@ -655,7 +655,7 @@ def test_emulated_make_deploy_calls_sm_effdet_deploy(clients, tmp_path):
         ["make", "deploy", f"MODEL_DATA={uri}", f"ROLE={ROLE}", f"IMAGE_URI={IMAGE}", "DEPLOY_NAME=made-endpoint",
          "SERVE_ENV=SERVE_SCORE_THRESHOLD=0.5", f"SM_EFFDET={sm_effdet_exe}",
          f"SAMPLE={text_sample(tmp_path)}"],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     endpoint = clients["sagemaker"].describe_endpoint(EndpointName="made-endpoint")
