@@ -288,6 +288,9 @@ def test_model_endpoint_config_endpoint_and_transform_requests_are_valid():
     botocore_valid("CreateEndpointConfig", config)
     assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
     botocore_valid("CreateEndpoint", hosting.endpoint_request("ep", "ep-20261203-074500"))
+    botocore_valid("UpdateEndpoint", hosting.update_endpoint_request("ep", "ep-20261203-080000"))
+    invoke = hosting.invoke_request("ep", hosting.generated_png(), "image/png")
+    validate_parameters(invoke, service_model("sagemaker-runtime").operation_model("InvokeEndpoint").input_shape)
     images = hosting.transform_request(
         "tj1", model_name="m1", input_uri=f"s3://{BUCKET}/images/", output_uri=f"s3://{BUCKET}/detections/",
     )

@@ -143,6 +143,23 @@ def endpoint_request(name: str, config_name: str) -> dict:
     return request
 
 
+def update_endpoint_request(name: str, config_name: str) -> dict:
+    request = {"EndpointName": name, "EndpointConfigName": config_name}
+    check_request("UpdateEndpoint", request)
+    return request
+
+
+def invoke_request(endpoint: str, body: bytes, content_type: str) -> dict:
+    request = {
+        "EndpointName": endpoint,
+        "ContentType": content_type,
+        "Accept": "application/json",
+        "Body": body,
+    }
+    check_request("InvokeEndpoint", request, service="sagemaker-runtime")
+    return request
+
+
 def transform_request(
     name: str,
     *,
@@ -285,9 +302,7 @@ def invoke(runtime, endpoint: str, body: bytes, content_type: str, label: str, o
 
     print(f"InvokeEndpoint {endpoint} with {label} ({content_type}, {len(body)} bytes):", file=out)
     try:
-        response = runtime.invoke_endpoint(
-            EndpointName=endpoint, ContentType=content_type, Accept="application/json", Body=body
-        )
+        response = runtime.invoke_endpoint(**invoke_request(endpoint, body, content_type))
     except ClientError as exc:
         error = exc.response.get("Error", {})
         if error.get("Code") != "ModelError":
@@ -401,7 +416,7 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
     print(f"CreateEndpointConfig {names}: {args.instance_count} x {args.instance_type}", file=out)
     with _undone_on_error(sagemaker, model=names, endpoint_config=names):
         if existing:
-            sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=names)
+            sagemaker.update_endpoint(**update_endpoint_request(endpoint, names))
         else:
             sagemaker.create_endpoint(**endpoint_request(endpoint, names))
     if existing:
