@@ -25,16 +25,27 @@ DOCKER ?= docker
 # Optional certificate bundle of a TLS-inspecting proxy, given to the build as the `ca_bundle` secret.
 CA_BUNDLE ?=
 
-# make deploy: a SageMaker endpoint from a training job's model.tar.gz.
+# The launcher alone (boto3, no torch): make deploy, train-job and logs call it.
+SM_EFFDET ?= $(UV) run --frozen --only-group launch ./sm-effdet
+# Either one: the S3 URI of a model.tar.gz, or a Completed training job (its model, image and
+# role are found by sm-effdet).
 MODEL_DATA ?=
+TRAINING_JOB ?=
+# Empty with TRAINING_JOB: the job's role.
 ROLE ?=
-# Empty: REPOSITORY:TAG in ECR of the account and REGION (looked up by `deploy`).
+# Empty: the training job's image, else REPOSITORY:TAG in ECR of the account and REGION
+# (looked up by `deploy`).
 IMAGE_URI ?=
 INSTANCE_TYPE ?= ml.m5.xlarge
 INSTANCE_COUNT ?= 1
-DEPLOY_NAME ?= $(IMAGE)-$(TAG)-$(shell date -u +%Y%m%d-%H%M%S)
-# Extra container environment for serve, e.g. SERVE_ENV='"SERVE_SCORE_THRESHOLD":"0.5"'
+# The endpoint (an existing one is updated). Empty: TRAINING_JOB, else IMAGE-TAG-<UTC time>.
+DEPLOY_NAME ?=
+# Extra container environment for serve, e.g. SERVE_ENV='SERVE_SCORE_THRESHOLD=0.5' (words of
+# KEY=VALUE; the older JSON form '"SERVE_SCORE_THRESHOLD":"0.5"' still works).
 SERVE_ENV ?=
+# The image sent once the endpoint is InService (empty: a generated one).
+SAMPLE ?=
+serve_env_words = $(if $(findstring ":",$(SERVE_ENV)),$(subst ",,$(subst ":",=,$(subst "$(comma)", ,$(SERVE_ENV)))),$(SERVE_ENV))
 
 .PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy train-job logs
 
@@ -92,29 +103,25 @@ local-train: ## Run the image's train on the /opt/ml tree OPT_ML, on all GPUs wh
 	gpus=""; if nvidia-smi >/dev/null 2>&1; then gpus="--gpus all"; fi; \
 	$(DOCKER) run --rm $$gpus --shm-size $(SHM_SIZE) -v "$(abspath $(OPT_ML)):/opt/ml" $(IMAGE):$(TAG) train
 
-deploy: ## SageMaker Model, EndpointConfig and Endpoint from MODEL_DATA=s3://... (ROLE, INSTANCE_TYPE, IMAGE_URI); make -n deploy prints the calls
-	@test -n "$(MODEL_DATA)" || { echo "Set MODEL_DATA=s3://.../model.tar.gz (a training job's output)" >&2; exit 1; }
-	@test -n "$(ROLE)" || { echo "Set ROLE=arn:aws:iam::ACCOUNT:role/... (an execution role that can read MODEL_DATA and pull the image)" >&2; exit 1; }
+deploy: ## SageMaker endpoint from MODEL_DATA=s3://... or TRAINING_JOB=name via sm-effdet deploy (ROLE, INSTANCE_TYPE, IMAGE_URI, SERVE_ENV); make -n deploy prints the call
+	@test -n "$(MODEL_DATA)$(TRAINING_JOB)" || { echo "Set MODEL_DATA=s3://.../model.tar.gz or TRAINING_JOB=<a Completed training job>" >&2; exit 1; }
+	@test -n "$(ROLE)$(TRAINING_JOB)" || { echo "Set ROLE=arn:aws:iam::ACCOUNT:role/... (an execution role that can read MODEL_DATA and pull the image)" >&2; exit 1; }
 	region="$(REGION)"; \
-	if [ -z "$$region" ]; then region="$$(aws configure get region || true)"; fi; \
-	if [ -z "$$region" ]; then echo "No region: set REGION or AWS_REGION" >&2; exit 1; fi; \
 	image_uri="$(IMAGE_URI)"; \
-	if [ -z "$$image_uri" ]; then \
+	if [ -z "$$image_uri" ] && [ -z "$(TRAINING_JOB)" ]; then \
+		if [ -z "$$region" ]; then region="$$(aws configure get region || true)"; fi; \
+		if [ -z "$$region" ]; then echo "No region: set REGION or AWS_REGION" >&2; exit 1; fi; \
 		account="$(ACCOUNT)"; \
 		if [ -z "$$account" ]; then account="$$(aws sts get-caller-identity --query Account --output text)"; fi; \
 		case "$$region" in cn-*) domain=amazonaws.com.cn ;; *) domain=amazonaws.com ;; esac; \
 		image_uri="$$account.dkr.ecr.$$region.$$domain/$(REPOSITORY):$(TAG)"; \
 	fi; \
-	aws sagemaker create-model --region "$$region" --model-name "$(DEPLOY_NAME)" \
-		--execution-role-arn "$(ROLE)" \
-		--primary-container "{\"Image\":\"$$image_uri\",\"ModelDataUrl\":\"$(MODEL_DATA)\",\"Environment\":{$(SERVE_ENV)}}"; \
-	aws sagemaker create-endpoint-config --region "$$region" --endpoint-config-name "$(DEPLOY_NAME)" \
-		--production-variants "VariantName=AllTraffic,ModelName=$(DEPLOY_NAME),InstanceType=$(INSTANCE_TYPE),InitialInstanceCount=$(INSTANCE_COUNT)"; \
-	aws sagemaker create-endpoint --region "$$region" --endpoint-name "$(DEPLOY_NAME)" --endpoint-config-name "$(DEPLOY_NAME)"; \
-	echo "Endpoint $(DEPLOY_NAME) is being created: aws sagemaker wait endpoint-in-service --region $$region --endpoint-name $(DEPLOY_NAME)"
+	$(if $(REGION),AWS_REGION="$(REGION)") $(SM_EFFDET) deploy "$(or $(TRAINING_JOB),$(MODEL_DATA))" \
+		--endpoint-name "$(or $(DEPLOY_NAME),$(TRAINING_JOB),$(IMAGE)-$(TAG)-$(shell date -u +%Y%m%d-%H%M%S))" --instance-type "$(INSTANCE_TYPE)" --instance-count "$(INSTANCE_COUNT)" \
+		$(if $(ROLE),--role "$(ROLE)") $${image_uri:+--image "$$image_uri"} \
+		$(foreach e,$(serve_env_words),--env '$(e)') $(if $(SAMPLE),--sample "$(SAMPLE)")
 
-# make train-job / logs: the launcher alone (boto3, no torch); --image-tag follows TAG like push.
-SM_EFFDET ?= $(UV) run --frozen --only-group launch ./sm-effdet
+# make train-job / logs: --image-tag follows TAG like push.
 ARGS ?=
 JOB ?=
 

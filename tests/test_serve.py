@@ -318,13 +318,17 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(old_card_server, train
     assert "stopped" in srv.log.read_text()
 
 
-def test_make_n_deploy_prints_the_three_calls_and_makes_none():
+def test_make_n_deploy_prints_the_sm_effdet_deploy_call_and_makes_none():
     out = subprocess.run(
         ["make", "-n", "deploy", "MODEL_DATA=s3://bucket/model.tar.gz", "ROLE=arn:aws:iam::1:role/r",
-         "IMAGE_URI=1.dkr.ecr.us-east-1.amazonaws.com/sm-effdet:t", "REGION=us-east-1", "DEPLOY_NAME=ep1"],
+         "IMAGE_URI=1.dkr.ecr.us-east-1.amazonaws.com/sm-effdet:t", "REGION=us-east-1", "DEPLOY_NAME=ep1",
+         'SERVE_ENV="SERVE_SCORE_THRESHOLD":"0.5"'],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    for call in ("aws sagemaker create-model", "aws sagemaker create-endpoint-config", "aws sagemaker create-endpoint "):
-        assert call in out.stdout
-    assert "s3://bucket/model.tar.gz" in out.stdout and "InstanceType=ml.m5.xlarge" in out.stdout
+    # make deploy is a thin call of sm-effdet deploy (tests/test_launch_hosting.py runs it).
+    assert 'sm-effdet deploy "s3://bucket/model.tar.gz"' in out.stdout
+    for flag in ('--endpoint-name "ep1"', '--instance-type "ml.m5.xlarge"', '--role "arn:aws:iam::1:role/r"',
+                 "--env 'SERVE_SCORE_THRESHOLD=0.5'", 'AWS_REGION="us-east-1"'):
+        assert flag in out.stdout, out.stdout
+    assert "aws sagemaker" not in out.stdout
