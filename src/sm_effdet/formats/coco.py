@@ -351,7 +351,10 @@ NAME = "coco"
 
 
 def find(channel: Path) -> list[Path]:
-    """COCO JSONs (a JSON object, not CreateML's list) at the root or in annotations/."""
+    """COCO JSONs (a JSON object, not CreateML's list) at the root or in annotations/. A
+    channel named like the built-in algorithm's (`*_annotation`) holds its per-image JSONs."""
+    if channel.name.endswith("_annotation"):
+        return []
     return [
         p for folder in (channel, channel / ANNOTATIONS_FOLDER) if folder.is_dir()
         for p in sorted(folder.glob("*.json")) if _first_char(p) == "{"
