@@ -420,16 +420,20 @@ def test_classes_are_matched_by_name_across_channels_in_different_formats(tmp_pa
     assert report.channels["validation"]["category_not_in_training"] == 1
 
 
-# --- the real ./train, once per format -----------------------------------------------------------
+# --- the real ./train: every format in a job, three jobs ---------------------------------------
 
-def _job_tree(tmp_path: Path, fmt: str) -> Path:
+def _job_tree(tmp_path: Path, fmt: str, val_fmt: str | None) -> Path:
     base = tmp_path / "opt_ml"
-    src = tmp_path / "coco"
-    coco = shapes(src, n=6)
-    channels = written(tmp_path, fmt, coco, src)
+    data = base / "input" / "data"
+    data.mkdir(parents=True)
+    coco = shapes(tmp_path / "coco", n=6)
+    channels = written(tmp_path / "train", fmt, coco, tmp_path / "coco")
+    if val_fmt:
+        val = make_shapes_dataset(tmp_path / "val", n_images=3, seed=4)
+        for name, path in written(tmp_path / "val", val_fmt, val, tmp_path / "val").items():
+            channels[{"training": "validation", "train": "validation"}.get(name, "validation_annotation")] = path
     for name, path in channels.items():
-        (base / "input" / "data").mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), base / "input" / "data" / name)
+        shutil.move(str(path), data / name)
     config = base / "input" / "config"
     config.mkdir(parents=True)
     (config / "hyperparameters.json").write_text(json.dumps(FAST))
@@ -438,18 +442,23 @@ def _job_tree(tmp_path: Path, fmt: str) -> Path:
     return base
 
 
-@pytest.mark.parametrize("fmt", ["voc", "yolo", "createml", "builtin"])
-def test_a_job_trains_an_epoch_on_each_format(tmp_path, fmt):
-    base = _job_tree(tmp_path, fmt)
+@pytest.mark.parametrize("fmt, val_fmt", [("yolo", "voc"), ("builtin", "builtin"), ("createml", None)])
+def test_a_job_trains_an_epoch_on_each_format(tmp_path, fmt, val_fmt):
+    base = _job_tree(tmp_path, fmt, val_fmt)
     result = run_train(base)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     card = json.loads((base / "model" / "model.json").read_text())
     classes = [(c["id"], c["name"]) for c in card["classes"]]
-    if fmt == "yolo":
+    if fmt == "yolo":  # model.json maps labels back to YOLO's class indices
         assert classes == [(0, "rectangle"), (1, "ellipse"), (2, "triangle")]
-    elif fmt == "builtin":
+    elif fmt == "builtin":  # and to the built-in format's class ids
         assert classes == sorted(SHAPES.items())
     else:
         assert classes == [(1, "ellipse"), (2, "rectangle"), (3, "triangle")]
     report = json.loads((base / "output" / "data" / "data_report.json").read_text())
-    assert report["counts"]["images_used"] == 7 and list(report["formats"].values()) == [fmt]
+    assert report["formats"][next(iter(report["formats"]))] == fmt
+    if val_fmt:  # validation in its own format, its classes matched by name
+        assert report["split"]["how"] == "validation channel" and report["split"]["val"] == 3
+        assert list(report["formats"].values())[1] == val_fmt
+    else:
+        assert report["counts"]["images_used"] == 7
