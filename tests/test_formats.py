@@ -286,6 +286,17 @@ def test_annotation_files_outside_the_channel_are_refused(tmp_path):
     (y / "data.yaml").symlink_to(outside / "data.yaml")
     with pytest.raises(UserInputError, match=r"data.yaml .*yolo/data.yaml is a symlink to a file outside"):
         read({"training": y})
+    (y / "data.yaml").unlink()
+    (y / "data.yaml").write_text("train: images\nnames: [cat]\n")
+    (y / "labels").mkdir()
+    for stem in ("in", "out"):
+        Image.new("RGB", (50, 50)).save(y / "images" / f"{stem}.jpg")
+    (y / "labels" / "in.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (outside / "out.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (y / "labels" / "out.txt").symlink_to(outside / "out.txt")  # a label file: its image skipped
+    data, report = read({"training": y})
+    assert [r.file_name for r in data.train] == ["images/in.jpg"]
+    assert report.counts["annotation_skipped_outside_channel"] == 1
 
 
 def test_the_raccoon_photographs_read_as_voc_every_one_used():

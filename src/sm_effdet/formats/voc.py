@@ -167,6 +167,9 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
                 bbox = [x1 - 1, y1 - 1, x2 - (x1 - 1), y2 - (y1 - 1)]
             boxes.append((file_name, name, bbox))
 
+    unannotated = sum(len(v) for v in index.values()) - len(seen_images)
+    if unannotated > 0:  # LabelImg writes an XML without objects for a negative; no XML: not listed
+        report.add("images_without_xml_not_used", n=unannotated)
     names = listed if listed is not None else sorted({name for _, name, _ in boxes if name})
     coco_categories = categories_by_name(names)
     id_of = {c["name"]: c["id"] for c in coco_categories}
