@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import FAST, REPO, failure_text, run_train
 from sm_effdet.demo import SHAPES, make_shapes_dataset
 from sm_effdet.errors import UserInputError
-from sm_effdet.formats import DataReport, read_dataset, voc, yolo
+from sm_effdet.formats import DataReport, common, read_dataset, voc, yolo
 from sm_effdet.hyperparameters import parse_hyperparameters
 
 RACCOON = REPO.parent / "shared" / "data" / "raccoon"
@@ -176,6 +176,24 @@ def test_each_format_reads_as_the_same_records_as_its_coco(tmp_path, fmt):
     if fmt == "yolo":  # YOLO's ids are its class indices; its split is the yaml's train and val
         assert [(c.id, c.name) for c in got.categories] == list(enumerate(SHAPES[k] for k in sorted(SHAPES)))
         assert report.split["how"] == "data.yaml train and val" and len(got.val) == 3
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="worker processes need two CPUs")
+def test_many_files_are_read_by_worker_processes_alike(tmp_path, monkeypatch):
+    src = tmp_path / "coco"
+    coco = shapes(src, n=7)
+    for fmt in ("voc", "yolo"):
+        channels = written(tmp_path, fmt, coco, src)
+        (channels["training"] / "Annotations" / "broken.xml").write_text("<annotation>") if fmt == "voc" else None
+        alone, alone_report = read(channels)
+        monkeypatch.setattr(common, "CHUNK", 3)  # three chunks or more: the process pool
+        pooled, pooled_report = read(channels)
+        monkeypatch.undo()
+        assert by_stem(pooled).keys() == by_stem(alone).keys()
+        for stem, (w, h, boxes, labels) in by_stem(alone).items():
+            assert by_stem(pooled)[stem][3] == labels
+            np.testing.assert_array_equal(by_stem(pooled)[stem][2], boxes)
+        assert pooled_report.to_dict() == alone_report.to_dict()
 
 
 # --- Pascal VOC ----------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from ..errors import UserInputError, shorten
 from ..hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport
 from .common import (
-    Boundary, categories_by_name, find_class_list, image_size, is_image, read_class_list,
-    read_text, records, relative, walk_files,
+    Boundary, categories_by_name, find_class_list, image_size, is_image, map_chunks, merge,
+    read_class_list, read_text, records, relative, walk_files,
 )
 
 NAME = "voc"
@@ -117,6 +117,33 @@ def _imagesets(channel: Path, boundary: Boundary) -> dict[str, set[str]] | None:
     return sets
 
 
+def parse_xmls(xmls: list[Path], channel: str) -> tuple[list, DataReport]:
+    """Each XML as (filename, width, height, [(name, bbox [x, y, w, h] or None, difficult)]),
+    None when it cannot be used (in a worker process when there are many)."""
+    report = DataReport()
+    boundary = Boundary(Path(channel))
+    return [_read_xml(xml, boundary, report) for xml in xmls], report
+
+
+def _read_xml(xml: Path, boundary: Boundary, report: DataReport) -> tuple | None:
+    if not boundary.per_image(xml, report):
+        return None
+    root = _parse(xml, report)
+    if root is None:
+        return None
+    size = root.find("size")
+    objects = []
+    for obj in root.iter("object"):  # <part> boxes sit inside objects as <part>, not <object>
+        box = obj.find("bndbox")
+        x1, y1, x2, y2 = (_number(box, t) for t in ("xmin", "ymin", "xmax", "ymax"))
+        bbox = None
+        if None not in (x1, y1, x2, y2):
+            bbox = [x1 - 1, y1 - 1, x2 - (x1 - 1), y2 - (y1 - 1)]
+        objects.append(((obj.findtext("name") or "").strip(), bbox, _flag(obj.findtext("difficult"))))
+    return ((root.findtext("filename") or "").strip(), _number(size, "width"),
+            _number(size, "height"), objects)
+
+
 def read(channel: Path, hp: Hyperparameters, report: DataReport,
          categories: list[Category] | None = None) -> CocoData:
     boundary = Boundary(channel)
@@ -125,15 +152,14 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
     class_file = find_class_list([channel, channel / "Annotations", channel / "annotations"])
     listed = read_class_list(class_file, boundary) if class_file else None
 
+    parsed, part = map_chunks(parse_xmls, xmls, str(channel))
+    merge(report, part)
     images, boxes = [], []
     seen_images: set[str] = set()
-    for xml in xmls:
-        if not boundary.per_image(xml, report):
+    for xml, found in zip(xmls, parsed):
+        if found is None:
             continue
-        root = _parse(xml, report)
-        if root is None:
-            continue
-        filename = (root.findtext("filename") or "").strip()
+        filename, width, height, objects = found
         image = _find_image(xml, filename, index)
         if image is None:
             report.add("image_skipped_missing_file", f"{relative(channel, xml)}: {shorten(filename)}")
@@ -143,28 +169,20 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
             report.add("annotation_skipped_second_xml_for_image", relative(channel, xml))
             continue
         seen_images.add(file_name)
-        size = root.find("size")
-        width, height = _number(size, "width"), _number(size, "height")
-        entry = {"id": file_name, "file_name": file_name, "xml": xml}
+        entry = {"id": file_name, "file_name": file_name}
         if width and height and width > 0 and height > 0:
             entry["width"], entry["height"] = width, height
         elif boundary.inside(image):
             # coco_records counts a size read from the header; read it here for the boxes.
-            found = image_size(image)
-            if found:
-                entry["width"], entry["height"] = found
+            size = image_size(image)
+            if size:
+                entry["width"], entry["height"] = size
                 report.add("image_size_read_from_file", file_name)
         images.append(entry)
-        for obj in root.iter("object"):  # <part> boxes sit inside objects as <part>, not <object>
-            name = (obj.findtext("name") or "").strip()
-            if not hp.keep_difficult and _flag(obj.findtext("difficult")):
+        for name, bbox, difficult in objects:
+            if difficult and not hp.keep_difficult:
                 report.add("box_dropped_difficult", f"{file_name}: {shorten(name)}")
                 continue
-            box = obj.find("bndbox")
-            x1, y1, x2, y2 = (_number(box, t) for t in ("xmin", "ymin", "xmax", "ymax"))
-            bbox = None
-            if None not in (x1, y1, x2, y2):
-                bbox = [x1 - 1, y1 - 1, x2 - (x1 - 1), y2 - (y1 - 1)]
             boxes.append((file_name, name, bbox))
 
     unannotated = sum(len(v) for v in index.values()) - len(seen_images)
@@ -189,8 +207,6 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
         raise UserInputError(
             f"the Pascal VOC XMLs in {channel} name no object class; give each <object> a <name>."
         )
-    for entry in images:
-        entry.pop("xml")
     coco = {"images": images, "annotations": annotations, "categories": coco_categories}
     return records(channel, coco, class_file or channel, report, categories,
                    split=_split(channel, images, boundary))

@@ -26,8 +26,8 @@ from ..errors import UserInputError, shorten
 from ..hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport, safe_join
 from .common import (
-    Boundary, find_class_list, image_size, is_image, read_class_list, read_text, records,
-    relative, walk_files,
+    Boundary, find_class_list, image_size, is_image, map_chunks, merge, read_class_list,
+    read_text, records, relative, walk_files,
 )
 from .voc import split_by_folder
 
@@ -227,8 +227,10 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
                 continue
             seen.setdefault(image, part)
     images, annotations = [], []
-    for file_name in seen:
-        entry, boxes = read_image(channel, file_name, len(names), boundary, report)
+    file_names = list(seen)
+    found, part = map_chunks(read_images, file_names, str(channel), len(names))
+    merge(report, part)
+    for file_name, (entry, boxes) in zip(file_names, found):
         if entry is None:
             continue
         images.append(entry)
@@ -243,6 +245,14 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
     else:
         split = split_by_folder(images)
     return records(channel, coco, source, report, categories, split=split)
+
+
+def read_images(file_names: list[str], channel: str, nc: int) -> tuple[list, DataReport]:
+    """read_image for a chunk of images (in a worker process when there are many)."""
+    report = DataReport()
+    root = Path(channel)
+    boundary = Boundary(root)
+    return [read_image(root, f, nc, boundary, report) for f in file_names], report
 
 
 def read_image(channel: Path, file_name: str, nc: int, boundary: Boundary, report: DataReport
