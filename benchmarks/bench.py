@@ -189,10 +189,12 @@ def child_onnx_cpu(img_size: str, batches: str, rounds: str) -> dict:
     return result
 
 
-def child_format_read(channel: str, fmt: str) -> dict:
-    from sm_effdet.formats import DataReport, voc, yolo
+def child_format_read(channel: str, fmt: str, workers: str) -> dict:
+    from sm_effdet.formats import DataReport, common, voc, yolo
     from sm_effdet.hyperparameters import parse_hyperparameters
 
+    if workers == "no":  # one chunk: read in this process, so that its CPU time is all of it
+        common.CHUNK = 10**9
     reader = {"voc": voc, "yolo": yolo}[fmt]
     started, cpu = time.perf_counter(), time.process_time()
     data = reader.read(Path(channel), parse_hyperparameters({}), DataReport())
@@ -310,11 +312,13 @@ def other_formats(work: Path, n_images: int, n_boxes: int) -> list[str]:
     # CPU seconds beside wall seconds: on a shared machine the wall clock measures the neighbours.
     lines.append(f"  json.load of the COCO JSON       {baseline['seconds']:7.2f} s wall {baseline['cpu']:7.2f} s CPU")
     for fmt, label in (("yolo", "YOLO labels -> records"), ("voc", "VOC XMLs -> records")):
-        result = run_child("format_read", str(channels[fmt]), fmt)
+        alone = run_child("format_read", str(channels[fmt]), fmt, "no")
+        pooled = run_child("format_read", str(channels[fmt]), fmt, "yes")
         lines.append(
-            f"  {label:32s} {result['seconds']:7.2f} s wall {result['cpu']:7.2f} s CPU"
-            f" = {result['cpu'] / baseline['cpu']:.1f}x json.load's CPU"
-            f" ({result['images']} images, {result['boxes']} boxes, peak {result['peak_mb']:.0f} MB)"
+            f"  {label:32s} {alone['seconds']:7.2f} s wall {alone['cpu']:7.2f} s CPU in one process"
+            f" = {alone['cpu'] / baseline['cpu']:.1f}x json.load's CPU; {pooled['seconds']:.2f} s wall"
+            f" with worker processes ({alone['images']} images, {alone['boxes']} boxes, peak "
+            f"{alone['peak_mb']:.0f} MB)"
         )
     headers = run_child("image_headers", str(channels["yolo"]))
     lines.append(f"  of YOLO's, the image headers     {headers['seconds']:7.2f} s wall {headers['cpu']:7.2f} s CPU"

@@ -298,6 +298,12 @@ def test_annotation_files_outside_the_channel_are_refused(tmp_path):
     (coco_ch / "annotations.json").symlink_to(outside / "c" / "annotations.json")
     with pytest.raises(UserInputError, match=r"COCO file .*annotations.json is a symlink to a file outside"):
         read({"training": coco_ch})
+    (coco_ch / "annotations.json").unlink()
+    shutil.copy(outside / "c" / "annotations.json", coco_ch / "annotations.json")
+    (outside / "split.json").write_text('{"train": [1], "val": [2]}')
+    (coco_ch / "split.json").symlink_to(outside / "split.json")
+    with pytest.raises(UserInputError, match=r"split file .*split.json is a symlink to a file outside"):
+        read({"training": coco_ch}, split_file="split.json")
     y = tmp_path / "yolo"
     (y / "images").mkdir(parents=True)
     (outside / "data.yaml").write_text("train: images\nnames: [cat]\n")

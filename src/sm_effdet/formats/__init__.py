@@ -18,6 +18,7 @@ from ..errors import UserInputError, shorten
 from ..hyperparameters import Hyperparameters
 from . import builtin, coco, createml, voc, yolo
 from .coco import MAX_IMAGE_PIXELS, Category, CocoData, DataReport, ImageRecord
+from .common import Boundary
 
 __all__ = [
     "MAX_IMAGE_PIXELS", "REPORT_FILE", "Category", "DataReport", "Dataset", "ImageRecord",
@@ -151,6 +152,7 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
                 f"split_file '{hp.split_file}' was not found in the training channel {training}; "
                 "give a path relative to the channel's root or leave split_file out."
             )
+        Boundary(training).check(split_path, "split file")
     train_data, train_format = read_channel(training_name, training, hp, report)
     annotation_file = train_data.annotation_file
     coco.check_num_classes(hp.num_classes, train_data.categories)
