@@ -27,6 +27,11 @@ Not a pass/fail test: it prints figures.
 9. TensorBoard: ./train's epoch time on the demo dataset with `tensorboard` on against off,
    runs alternated in the same bench run (median over the epochs after the first).
 
+10. start-up for other formats: 118,000 YOLO label files (data.yaml, one .txt per image) and
+   118,000 Pascal VOC XMLs for the same images and boxes, each read into the job's records,
+   against json.load of the equivalent COCO JSON; YOLO reads every image's header (its labels
+   hold no size), timed apart.
+
 `--sections 5` runs only the serving part (any list, e.g. `--sections 8,9`);
 `--serve-requests`/`--rss-requests`, `--eval-images` and `--tb-epochs`/`--tb-repeats` shorten them.
 """
@@ -113,10 +118,10 @@ def jpeg_set(folder: Path, width: int, height: int, n: int) -> Path:
 
 
 def child_json_load(channel: str) -> dict:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with open(Path(channel) / "annotations.json", "rb") as f:
         json.load(f)
-    return {"seconds": time.perf_counter() - started}
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu}
 
 
 def child_job_dataset(channel: str) -> dict:
@@ -184,9 +189,34 @@ def child_onnx_cpu(img_size: str, batches: str, rounds: str) -> dict:
     return result
 
 
+def child_format_read(channel: str, fmt: str, workers: str) -> dict:
+    from sm_effdet.formats import DataReport, common, voc, yolo
+    from sm_effdet.hyperparameters import parse_hyperparameters
+
+    if workers == "no":  # one chunk: read in this process, so that its CPU time is all of it
+        common.CHUNK = 10**9
+    reader = {"voc": voc, "yolo": yolo}[fmt]
+    started, cpu = time.perf_counter(), time.process_time()
+    data = reader.read(Path(channel), parse_hyperparameters({}), DataReport())
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+            "images": len(data.images),
+            "boxes": sum(len(r.labels) for r in data.images)}
+
+
+def child_image_headers(channel: str) -> dict:
+    from sm_effdet.formats.common import image_size
+
+    paths = sorted((Path(channel) / "images").iterdir())
+    started, cpu = time.perf_counter(), time.process_time()
+    for path in paths:
+        image_size(path)
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu}
+
+
 CHILDREN = {
     f.__name__[len("child_"):]: f
-    for f in (child_json_load, child_job_dataset, child_icevision_parser, child_onnx_cpu)
+    for f in (child_json_load, child_job_dataset, child_icevision_parser, child_onnx_cpu,
+              child_format_read, child_image_headers)
 }
 
 
@@ -227,6 +257,73 @@ def startup(work: Path, n_images: int, n_boxes: int, icevision_images: int) -> t
             f"peak {seed['peak_mb']:.0f} MB"
         )
     return channel, lines
+
+
+def other_formats_tree(base: Path, n_images: int, n_boxes: int) -> dict[str, Path]:
+    """The same images and boxes as a COCO JSON, YOLO labels and VOC XMLs, one channel each;
+    every image a hard link to one of a few 640x480 JPEGs."""
+    rng = random.Random(0)
+    channels = {f: base / f for f in ("coco", "yolo", "voc")}
+    for channel in channels.values():
+        (channel / "images").mkdir(parents=True)
+    (channels["yolo"] / "labels").mkdir()
+    (channels["voc"] / "annotations").mkdir()
+    per_image: list[list] = [[] for _ in range(n_images)]
+    for _ in range(n_boxes):
+        w, h = rng.uniform(8, 300), rng.uniform(8, 300)
+        x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+        per_image[rng.randrange(n_images)].append((rng.randrange(80), round(x, 2), round(y, 2), round(w, 2), round(h, 2)))
+    images, annotations = [], []
+    for i, boxes in enumerate(per_image):
+        if i % 20_000 == 0:  # ext4 allows 65,000 links to one file; three channels link to it
+            source = base / f"source{i}.jpg"
+            jpeg(source, 640, 480, seed=i)
+        stem = f"{i:012d}"
+        for channel in channels.values():
+            os.link(source, channel / "images" / f"{stem}.jpg")
+        images.append({"id": i, "file_name": f"images/{stem}.jpg", "width": 640, "height": 480})
+        annotations += [{"id": len(annotations), "image_id": i, "category_id": c, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0} for c, x, y, w, h in boxes]
+        (channels["yolo"] / "labels" / f"{stem}.txt").write_text("".join(
+            f"{c} {(x + w / 2) / 640:.6f} {(y + h / 2) / 480:.6f} {w / 640:.6f} {h / 480:.6f}\n"
+            for c, x, y, w, h in boxes))
+        (channels["voc"] / "annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename><size><width>640</width><height>480</height>"
+            "<depth>3</depth></size>" + "".join(
+                f"<object><name>class_{c}</name><difficult>0</difficult><bndbox><xmin>{x + 1}</xmin>"
+                f"<ymin>{y + 1}</ymin><xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox></object>"
+                for c, x, y, w, h in boxes) + "</annotation>")
+    for source in base.glob("source*.jpg"):
+        source.unlink()
+    (channels["coco"] / "annotations.json").write_text(json.dumps({
+        "images": images, "annotations": annotations,
+        "categories": [{"id": c, "name": f"class_{c}"} for c in range(80)]}))
+    (channels["yolo"] / "data.yaml").write_text(
+        "train: images\nnames: [" + ", ".join(f"class_{c}" for c in range(80)) + "]\n")
+    return channels
+
+
+def other_formats(work: Path, n_images: int, n_boxes: int) -> list[str]:
+    started = time.perf_counter()
+    channels = other_formats_tree(work / "formats", n_images, n_boxes)
+    lines = [f"  generated {n_images} images / {n_boxes} boxes in three formats in "
+             f"{time.perf_counter() - started:.0f} s"]
+    baseline = run_child("json_load", str(channels["coco"]))
+    # CPU seconds beside wall seconds: on a shared machine the wall clock measures the neighbours.
+    lines.append(f"  json.load of the COCO JSON       {baseline['seconds']:7.2f} s wall {baseline['cpu']:7.2f} s CPU")
+    for fmt, label in (("yolo", "YOLO labels -> records"), ("voc", "VOC XMLs -> records")):
+        alone = run_child("format_read", str(channels[fmt]), fmt, "no")
+        pooled = run_child("format_read", str(channels[fmt]), fmt, "yes")
+        lines.append(
+            f"  {label:32s} {alone['seconds']:7.2f} s wall {alone['cpu']:7.2f} s CPU in one process"
+            f" = {alone['cpu'] / baseline['cpu']:.1f}x json.load's CPU; {pooled['seconds']:.2f} s wall"
+            f" with worker processes ({alone['images']} images, {alone['boxes']} boxes, peak "
+            f"{alone['peak_mb']:.0f} MB)"
+        )
+    headers = run_child("image_headers", str(channels["yolo"]))
+    lines.append(f"  of YOLO's, the image headers     {headers['seconds']:7.2f} s wall {headers['cpu']:7.2f} s CPU"
+                 " (Pillow, no pixels; page cache warm)")
+    return lines
 
 
 def images_per_second(iterate, n_images: int) -> float:
@@ -622,7 +719,9 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="which parts to run, e.g. 5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="which parts to run, e.g. 5")
+    parser.add_argument("--format-images", type=int, default=118_000)
+    parser.add_argument("--format-boxes", type=int, default=860_000)
     parser.add_argument("--serve-requests", type=int, default=400)
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--onnx-img-size", type=int, default=512)
@@ -688,6 +787,9 @@ def main() -> None:
         if 9 in sections:
             print("9. TensorBoard on against off (./train)")
             print("\n".join(tensorboard_cost(work, args.tb_epochs, args.tb_repeats)), flush=True)
+        if 10 in sections:
+            print("10. start-up for other formats (YOLO, Pascal VOC) against json.load of the same COCO")
+            print("\n".join(other_formats(work, args.format_images, args.format_boxes)), flush=True)
 
 
 def onnx_vs_pytorch(img_size: int, rounds: int) -> str:

@@ -19,7 +19,6 @@ from .backbones import BACKBONES
 from .distributed import FailureWatchdog, Layout, plan_layout, set_rendezvous
 from .environment import (
     PRETRAINED_CHANNEL,
-    TRAINING_CHANNEL,
     Paths,
     TrainingEnvironment,
 )
@@ -37,12 +36,8 @@ DDP_TIMEOUT = timedelta(minutes=30)
 def prepare_data(
     env: TrainingEnvironment, hp: Hyperparameters, report: DataReport
 ) -> tuple[list[Category], list[ImageRecord], list[ImageRecord]]:
-    """Read the training (and validation) channel and split; fail when nothing usable is left."""
-    if env.channel(TRAINING_CHANNEL) is None:
-        raise UserInputError(
-            f"the job has no '{TRAINING_CHANNEL}' channel ({env.paths.channel(TRAINING_CHANNEL)} "
-            "does not exist); give the annotations and their images as a channel named 'training'."
-        )
+    """Read the training (and validation) channel, in whichever annotation format, and split;
+    fail when nothing usable is left (read_dataset names a missing channel)."""
     dataset = read_dataset(env.channels, hp, report)
     return dataset.categories, dataset.train, dataset.val
 

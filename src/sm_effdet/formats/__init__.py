@@ -1,30 +1,57 @@
 """A channel's annotations, in whatever format the user has, as the job's image records.
 
 `read_dataset` is the one entry point: the training job and the launcher's local data check
-call it, and neither knows which format it got. Every reader turns its files into COCO-shaped
-data and hands it to `coco.coco_records`, so that all formats share one validation, one data
-report and one split rule. Nothing here imports torch.
+call it, and neither knows which format it got. Every reader (one module per format, each with
+NAME, find and read) turns its files into COCO-shaped data and hands it to
+`coco.coco_records`, so that all formats share one validation, one data report and one split
+rule. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserInputError
+from ..errors import UserInputError, shorten
 from ..hyperparameters import Hyperparameters
-from . import coco
-from .coco import MAX_IMAGE_PIXELS, Category, DataReport, ImageRecord
+from . import builtin, coco, createml, voc, yolo
+from .coco import MAX_IMAGE_PIXELS, Category, CocoData, DataReport, ImageRecord
+from .common import Boundary
 
 __all__ = [
     "MAX_IMAGE_PIXELS", "REPORT_FILE", "Category", "DataReport", "Dataset", "ImageRecord",
     "read_dataset",
 ]
 
+log = logging.getLogger(__name__)
+
 # Where the job writes the data report, relative to the output folder (named in messages).
 REPORT_FILE = "data_report.json"
 TRAINING, VALIDATION = "training", "validation"
+
+# Detection order: each channel is offered to every reader; more than one finding its files
+# fails (naming both) rather than pick one silently.
+READERS = (
+    coco,
+    # groundtruth,  (the Ground Truth manifest reader: added here at merge)
+    builtin,
+    voc,
+    yolo,
+    createml,
+)
+FORMATS = {m.NAME: m for m in READERS}
+DESCRIPTIONS = {
+    "coco": "a COCO JSON at the root or in annotations/",
+    "groundtruth": "a Ground Truth manifest (.manifest)",
+    "builtin": "the built-in algorithm's per-image JSONs in a *_annotation channel",
+    "voc": "Pascal VOC XMLs (at the root, in Annotations/ or in train/ valid/)",
+    "yolo": "a YOLO data.yaml, or classes.txt / obj.names beside a labels/ folder",
+    "createml": "a CreateML JSON list (*.createml.json)",
+}
+NAMES = {"coco": "COCO", "groundtruth": "Ground Truth", "builtin": "built-in algorithm",
+         "voc": "Pascal VOC", "yolo": "YOLO", "createml": "CreateML"}
 
 
 @dataclass
@@ -34,16 +61,89 @@ class Dataset:
     val: list[ImageRecord]
 
 
+def detect(channel: Path, hp: Hyperparameters, name: str):
+    """The reader for a channel: the one annotation_format names, else the one whose files are
+    there (COCO when none is: its message says what is missing)."""
+    chosen = hp.annotation_format
+    if chosen != "auto":
+        reader = FORMATS.get(chosen)
+        if reader is None:
+            raise UserInputError(
+                f"annotation_format '{chosen}' is not available in this version; use "
+                f"{', '.join(['auto', *FORMATS])}."
+            )
+        if reader is not coco and not reader.find(channel):
+            raise UserInputError(
+                f"annotation_format is '{chosen}' but the '{name}' channel ({channel}) has no "
+                f"{DESCRIPTIONS[chosen]}; add them, or set annotation_format to auto."
+            )
+        return reader
+    if hp.annotations_file and name == TRAINING:
+        return coco
+    excluded = {hp.split_file} if hp.split_file else set()
+    found = []
+    for reader in READERS:
+        files = [f for f in reader.find(channel) if str(f.relative_to(channel)) not in excluded]
+        if files:
+            found.append((reader, files))
+    if len(found) > 1:
+        both = "; ".join(
+            f"{NAMES[r.NAME]} ({shorten(', '.join(str(f.relative_to(channel)) for f in files[:2]), 120)})"
+            for r, files in found
+        )
+        raise UserInputError(
+            f"the '{name}' channel ({channel}) holds annotations in more than one format: {both}; "
+            "keep one format per channel, or choose one with the annotation_format hyperparameter."
+        )
+    return found[0][0] if found else coco
+
+
+def read_channel(name: str, channel: Path, hp: Hyperparameters, report: DataReport,
+                 categories: list[Category] | None = None) -> tuple[CocoData, str]:
+    reader = detect(channel, hp, name)
+    channel_report = DataReport()
+    data = reader.read(channel, hp, channel_report, categories)
+    channel_report.formats[name] = reader.NAME
+    report.add_channel(name, channel_report)
+    log.info("channel '%s': %s annotations (%s)", name, NAMES[reader.NAME], data.annotation_file)
+    return data, reader.NAME
+
+
+def _channel_names(channels: Mapping[str, Path]) -> tuple[str, str | None]:
+    """The training channel and the validation channel: 'training' and 'validation', or the
+    built-in algorithm's 'train_annotation' and 'validation_annotation' (whose images are in
+    'train' and 'validation')."""
+    if TRAINING in channels:
+        validation = next((n for n in ("validation_annotation", VALIDATION) if n in channels), None)
+        return TRAINING, validation
+    if "train_annotation" in channels:
+        return "train_annotation", "validation_annotation" if "validation_annotation" in channels else None
+    raise UserInputError(
+        f"the job has no '{TRAINING}' channel (channels given: "
+        f"{shorten(', '.join(sorted(channels)) or 'none')}); give the annotations and their "
+        f"images as a channel named '{TRAINING}' (or the built-in algorithm's 'train' and "
+        "'train_annotation')."
+    )
+
+
+def _own_split(data: CocoData, report: DataReport) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """The format's own split (VOC ImageSets, a data.yaml's train and val, split folders)."""
+    split = data.split
+    train = [r for r in data.images if r.image_id in split["train"]]
+    val = [r for r in data.images if r.image_id in split["val"] and r.image_id not in split["train"]]
+    unused = len(data.images) - len(train) - len(val)
+    if unused:
+        report.add("split_images_in_neither_list", n=unused)
+    report.split = {"how": split["how"], "train": len(train), "val": len(val)}
+    return train, val
+
+
 def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: DataReport) -> Dataset:
     """Read the channels' annotations (by channel name: "training", "validation", ...; local
     folders) and split; fail when nothing usable is left. `report` receives the counts per
     channel and the split."""
-    training, validation = channels.get(TRAINING), channels.get(VALIDATION)
-    if training is None:
-        raise UserInputError(
-            f"there is no '{TRAINING}' channel; give the annotations and their images as a "
-            f"channel named '{TRAINING}'."
-        )
+    training_name, validation_name = _channel_names(channels)
+    training, validation = channels[training_name], channels.get(validation_name or "")
     split_path = None
     if hp.split_file:
         split_path = coco.safe_join(training, hp.split_file)
@@ -52,11 +152,9 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
                 f"split_file '{hp.split_file}' was not found in the training channel {training}; "
                 "give a path relative to the channel's root or leave split_file out."
             )
-    excluded = [hp.split_file] if hp.split_file else []
-    annotation_file = coco.find_annotation_file(training, hp.annotations_file, excluded)
-    train_report = DataReport()
-    train_data = coco.load_coco(training, annotation_file, train_report)
-    report.add_channel(TRAINING, train_report)
+        Boundary(training).check(split_path, "split file")
+    train_data, train_format = read_channel(training_name, training, hp, report)
+    annotation_file = train_data.annotation_file
     coco.check_num_classes(hp.num_classes, train_data.categories)
 
     if split_path is not None:
@@ -65,15 +163,18 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
         )
         val_source = f"split file {split_path}"
     elif validation is not None:
-        val_file = coco.find_annotation_file(validation, None, nameable=False)
-        val_report = DataReport()
-        val_data = coco.load_coco(validation, val_file, val_report, categories=train_data.categories)
-        report.add_channel(VALIDATION, val_report)
-        coco.check_same_categories(train_data.categories, annotation_file,
-                                   val_data.file_categories, val_file)
+        val_data, val_format = read_channel(
+            validation_name, validation, hp, report, categories=train_data.categories
+        )
+        if train_format == val_format == "coco":
+            coco.check_same_categories(train_data.categories, annotation_file,
+                                       val_data.file_categories, val_data.annotation_file)
         train, val = train_data.images, val_data.images
         report.split = {"how": "validation channel", "train": len(train), "val": len(val)}
-        val_source = f"validation channel's {val_file}"
+        val_source = f"validation channel's {val_data.annotation_file}"
+    elif train_data.split is not None:
+        train, val = _own_split(train_data, report)
+        val_source = f"{train_data.split['how']} in {training}"
     else:
         train, val = coco.split_records(
             train_data.images, split_file=None, val_fraction=hp.val_fraction, seed=hp.seed,
@@ -86,7 +187,7 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
             f"output/data/{REPORT_FILE}: {report.summary()}); check file_name paths, boxes and "
             "category ids."
         )
-    if (split_path is not None or validation is not None) and not val:
+    if (split_path is not None or validation is not None or train_data.split is not None) and not val:
         raise UserInputError(
             f"the validation set from the {val_source} is empty (see output/data/{REPORT_FILE}: "
             f"{report.summary()}); give it usable images, or remove the split file or the "

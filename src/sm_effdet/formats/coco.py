@@ -59,6 +59,7 @@ class DataReport:
     sources: list[str] = field(default_factory=list)
     split: dict[str, Any] = field(default_factory=dict)
     channels: dict[str, dict[str, int]] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)  # channel -> annotation format read
 
     def add(self, reason: str, example: str | None = None, n: int = 1) -> None:
         if n:
@@ -75,12 +76,15 @@ class DataReport:
             for example in examples:
                 self.add(reason, example if name == "training" else f"{name}: {example}", n=0)
         self.sources.extend(channel.sources)
+        if channel.formats:
+            self.formats[name] = next(iter(channel.formats.values()))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "sources": self.sources,
             "counts": dict(sorted(self.counts.items())),
             "channels": self.channels,
+            "formats": self.formats,
             "examples": {k: v for k, v in sorted(self.examples.items()) if v},
             "split": self.split,
         }
@@ -110,6 +114,9 @@ class CocoData:
     categories: list[Category]  # the classes trained: the file's own, or training's
     images: list[ImageRecord]
     file_categories: list[Category] = field(default_factory=list)  # as the file lists them
+    # The format's own split ({"train": ids, "val": ids, "how": text}: VOC's ImageSets, a
+    # data.yaml's train and val, Roboflow's split folders), or None.
+    split: dict[str, Any] | None = None
 
 
 def find_annotation_file(
@@ -139,7 +146,11 @@ def find_annotation_file(
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        where = f"no COCO annotation file (.json) found at the root of {channel} nor in its {ANNOTATIONS_FOLDER}/ folder"
+        where = (
+            f"no COCO annotation file (.json) found at the root of {channel} nor in its "
+            f"{ANNOTATIONS_FOLDER}/ folder, nor another format's files (Pascal VOC XMLs, a YOLO "
+            "data.yaml, CreateML JSON)"
+        )
         if nameable:
             raise UserInputError(f"{where}; add one or name it with the annotations_file hyperparameter.")
         raise UserInputError(f"{where}; add the channel's COCO JSON there.")
@@ -336,17 +347,81 @@ def _image_size(entry: dict, path: Path, report: DataReport) -> tuple[int, int] 
         return None
 
 
+NAME = "coco"
+
+
+def find(channel: Path) -> list[Path]:
+    """COCO JSONs (a JSON object, not CreateML's list) at the root or in annotations/. A
+    channel named like the built-in algorithm's (`*_annotation`) holds its per-image JSONs."""
+    if channel.name.endswith("_annotation"):
+        return []
+    return [
+        p for folder in (channel, channel / ANNOTATIONS_FOLDER) if folder.is_dir()
+        for p in sorted(folder.glob("*.json")) if _first_char(p) == "{"
+    ]
+
+
+def _first_char(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1].decode("latin-1")
+    except OSError:
+        return ""
+
+
+def read(channel: Path, hp, report: DataReport, categories: list[Category] | None = None) -> CocoData:
+    """The channel's COCO JSON (the annotations_file hyperparameter names it in training)."""
+    excluded = [hp.split_file] if hp.split_file else []
+    if categories is None:
+        annotation_file = find_annotation_file(channel, hp.annotations_file, excluded)
+    else:
+        annotation_file = find_annotation_file(channel, None, excluded, nameable=False)
+    return load_coco(channel, annotation_file, report, categories)
+
+
 def load_coco(
     channel: Path,
     annotation_file: Path,
     report: DataReport,
     categories: list[Category] | None = None,
 ) -> CocoData:
-    """Read a COCO file into image records; `categories` given (validation) fixes the class list."""
+    """Read a COCO file into image records; `categories` given (validation) fixes the class list:
+    matched by id when the file's categories are training's (same ids and names), else by name
+    (training came in another format)."""
+    from .common import Boundary, match_by_name
+
+    Boundary(channel).check(annotation_file, "COCO file")
     coco = read_json_file(annotation_file, "COCO file")
     if not isinstance(coco, dict):
         raise UserInputError(f"COCO file {annotation_file} must hold a JSON object.")
+    _drop_placeholder_category(coco, report)
+    if categories is not None:
+        own = read_categories(coco, annotation_file)
+        if not set((c.id, c.name) for c in own) <= set((c.id, c.name) for c in categories):
+            data_own = own
+            coco = match_by_name(coco, categories, annotation_file, report)
+            data = coco_records(channel, coco, annotation_file, report, categories)
+            data.file_categories = data_own
+            return data
     return coco_records(channel, coco, annotation_file, report, categories)
+
+
+def _drop_placeholder_category(coco: dict, report: DataReport) -> None:
+    """Roboflow's COCO export lists a category (supercategory "none", usually id 0, named after
+    the dataset) that no box uses; trained, it would be a class the model never sees."""
+    categories, annotations = coco.get("categories"), coco.get("annotations")
+    if not isinstance(categories, list) or not isinstance(annotations, list) or len(categories) < 2:
+        return
+    used = {repr(a.get("category_id")) for a in annotations if isinstance(a, dict)}
+    placeholders = [
+        c for c in categories
+        if isinstance(c, dict) and c.get("supercategory") == "none" and is_valid_id(c.get("id"))
+        and repr(c["id"]) not in used
+    ]
+    if placeholders and len(placeholders) < len(categories):
+        coco["categories"] = [c for c in categories if c not in placeholders]
+        for c in placeholders:
+            report.add("category_dropped_unused_placeholder", f"{c['id']}: {shorten(c.get('name'))}")
 
 
 def coco_records(

@@ -1,0 +1,211 @@
+"""What every reader shares: finding images, the channel boundary for annotation files, class
+lists and matching classes by name, and the hand-over to `coco.coco_records`.
+
+A reader builds COCO-shaped data in memory (images with file_name relative to the channel,
+width, height; annotations with bbox [x, y, w, h] in pixels; categories with id and name) and
+calls `records`, so that every format gets COCO's validation and data report.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserInputError, shorten
+from .coco import Category, CocoData, DataReport, coco_records
+
+# The image files the readers look for (by extension, case-insensitive).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# Class lists beside VOC or YOLO data: one name a line.
+CLASS_LIST_FILES = ("labelmap.txt", "classes.txt", "obj.names")
+# Boxes whose class the training channel does not have: the model cannot predict them.
+NOT_IN_TRAINING = "category_not_in_training"
+
+
+def is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def walk_files(folder: Path, keep) -> list[Path]:
+    """The files under `folder` (symlinked folders not followed, so the walk stays inside)
+    whose name `keep` accepts, sorted."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        found.extend(Path(parent, f) for f in sorted(files) if keep(f))
+    return found
+
+
+def relative(channel: Path, path: Path) -> str:
+    return os.path.relpath(path, channel)
+
+
+class Boundary:
+    """Whether annotation files lie inside the channel once symlinks are followed: the rule the
+    images follow (coco._check_image_path), for every file a reader opens. One lstat a file;
+    each folder on the way is resolved once."""
+
+    def __init__(self, channel: Path):
+        self.root = os.path.realpath(channel).rstrip(os.sep) + os.sep
+        self._dirs: dict[str, str] = {}
+
+    def inside(self, path: Path) -> bool:
+        try:
+            mode = os.lstat(path).st_mode
+        except (OSError, ValueError):
+            return False
+        if stat.S_ISLNK(mode):
+            real = os.path.realpath(path)
+        else:
+            parent, name = os.path.split(os.path.abspath(path))
+            if parent not in self._dirs:
+                self._dirs[parent] = os.path.realpath(parent)
+            real = os.path.join(self._dirs[parent], name)
+        return real.startswith(self.root)
+
+    def check(self, path: Path, what: str) -> Path:
+        """The annotation file itself (a COCO JSON, a data.yaml, a list): refused outside."""
+        if not self.inside(path):
+            raise UserInputError(
+                f"{what} {path} is a symlink to a file outside its channel; put the file itself "
+                "in the channel (annotation files, like images, must lie inside it)."
+            )
+        return path
+
+    def per_image(self, path: Path, report: DataReport) -> bool:
+        """A per-image annotation file (an XML, a label .txt, a JSON): counted and skipped."""
+        if self.inside(path):
+            return True
+        report.add("annotation_skipped_outside_channel", str(path))
+        return False
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UserInputError(
+                f"{what} {path} is not a regular file (a pipe, device or folder); replace it "
+                "with the file itself."
+            )
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserInputError(f"{what} {path} is not UTF-8 text; save it as UTF-8.") from None
+    except OSError as exc:
+        raise UserInputError(
+            f"{what} {path} cannot be read ({exc.strerror or exc}); make it a readable file."
+        ) from None
+
+
+def find_class_list(folders: list[Path]) -> Path | None:
+    for folder in folders:
+        for name in CLASS_LIST_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def read_class_list(path: Path, boundary: Boundary) -> list[str]:
+    """Names, one a line, in order; a CVAT labelmap's `name:color:parts:actions` keeps its name,
+    and its 'background' line (no class of the user's) is left out."""
+    boundary.check(path, "class list")
+    names = []
+    for line in read_text(path, "class list").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name = line.split(":", 1)[0].strip() if path.name == "labelmap.txt" else line
+        if name and not (path.name == "labelmap.txt" and name == "background"):
+            names.append(name)
+    if len(set(names)) != len(names):
+        raise UserInputError(
+            f"class list {path} names a class twice; give each class one line."
+        )
+    return names
+
+
+def categories_by_name(names: list[str]) -> list[dict]:
+    """COCO categories for a format that names classes only: ids 1..K in the given order (a
+    class list's, else sorted by name); model.json carries the names back."""
+    return [{"id": k + 1, "name": name} for k, name in enumerate(names)]
+
+
+def match_by_name(coco: dict, categories: list[Category], source: Path, report: DataReport) -> dict:
+    """A validation channel's classes matched to training's by name: each box gets the training
+    category of its name; a box of a class training lacks is dropped (the model cannot predict
+    it) and the class is counted under category_not_in_training."""
+    train_id = {c.name: c.id for c in categories}
+    own_name = {c.get("id"): str(c.get("name")) for c in coco["categories"] if isinstance(c, dict)}
+    for name in sorted(set(own_name.values()) - set(train_id)):
+        report.add(NOT_IN_TRAINING, f"{source}: {shorten(name)}")
+    for ann in coco["annotations"]:
+        name = own_name.get(ann.get("category_id"))
+        ann["category_id"] = train_id.get(name) if name is not None else None
+    coco["categories"] = [{"id": c.id, "name": c.name} for c in categories]
+    return coco
+
+
+def records(
+    channel: Path, coco: dict, source: Path, report: DataReport,
+    categories: list[Category] | None, image_root: Path | None = None,
+    split: dict[str, set] | None = None,
+) -> CocoData:
+    """Hand COCO-shaped data from any reader to coco_records; `categories` (validation) are
+    matched by name."""
+    own = [Category(c["id"], c["name"]) for c in coco["categories"]]
+    if categories is not None:
+        coco = match_by_name(coco, categories, source, report)
+    data = coco_records(channel, coco, source, report, categories,
+                        image_root=image_root if image_root is not None else channel)
+    data.file_categories = own
+    data.split = split
+    return data
+
+
+# Per-file formats (a label or an XML per image) cost ~0.25 ms of CPU a file: a COCO-sized
+# dataset is read by worker processes, CHUNK files a task (make bench, section 10).
+CHUNK = 2_000
+
+
+def map_chunks(function, items: list, *args) -> tuple[list, DataReport]:
+    """function(items_chunk, *args) -> (results, DataReport) over all items, results in order;
+    in worker processes when there are several chunks and CPUs, else here."""
+    chunks = [items[k:k + CHUNK] for k in range(0, len(items), CHUNK)]
+    workers = min(len(chunks), len(os.sched_getaffinity(0)), 16)
+    report = DataReport()
+    if workers < 2:
+        parts = [function(chunk, *args) for chunk in chunks]
+    else:
+        # spawn, not fork: the job may hold threads (torch's) that a fork would copy half-made.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            parts = list(pool.map(function, chunks, *([a] * len(chunks) for a in args)))
+        finally:  # a stop lands here as an exception: leave the queued chunks undone
+            pool.shutdown(wait=False, cancel_futures=True)
+    results = []
+    for found, part in parts:
+        results.extend(found)
+        merge(report, part)
+    return results, report
+
+
+def merge(into: DataReport, part: DataReport) -> None:
+    for reason, n in part.counts.items():
+        into.add(reason, n=n)
+    for reason, examples in part.examples.items():
+        for example in examples:
+            into.add(reason, example, n=0)
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """The image's size from its header (Pillow reads no pixels here); None when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:
+        return None

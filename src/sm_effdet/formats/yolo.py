@@ -1,0 +1,293 @@
+"""YOLO / Ultralytics: a data.yaml (or, Darknet style, classes.txt / obj.names) and one label
+.txt per image, `class cx cy w h` normalised to 0..1.
+
+Behaviour follows Ultralytics' documentation (its code is AGPL: nothing copied). The label of
+an image is found by replacing the last `/images/` of its path with `/labels/` and its
+extension with `.txt` (no `/images/`: beside the image). A missing or empty label file is an
+image with no object. A row of more than 5 values is a polygon: its box is the points' bounds.
+Each row is judged alone, never the whole image: a repeated row is dropped, a class id that is
+not a whole number in 0..nc-1 is an unknown category, and a box reaching outside 0..1 is
+clipped to the image (fully outside: dropped), all counted as COCO's boxes are.
+
+Labels hold no image size: each image's header is read (Pillow reads no pixels) to turn the
+normalised boxes into pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserInputError, shorten
+from ..hyperparameters import Hyperparameters
+from .coco import Category, CocoData, DataReport, safe_join
+from .common import (
+    Boundary, find_class_list, image_size, is_image, map_chunks, merge, read_class_list,
+    read_text, records, relative, walk_files,
+)
+from .voc import split_by_folder
+
+NAME = "yolo"
+YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
+
+
+def find(channel: Path) -> list[Path]:
+    """A data.yaml at the root, or a Darknet class list beside a labels/ folder."""
+    found = [channel / n for n in YAML_NAMES if (channel / n).is_file()]
+    if found:
+        return found
+    names = find_class_list([channel])
+    if names is not None and names.name != "labelmap.txt" and _has_labels(channel):
+        return [names]
+    return []
+
+
+def _has_labels(channel: Path) -> bool:
+    return any((d / "labels").is_dir() for d in (channel, *_subfolders(channel)))
+
+
+def _subfolders(channel: Path) -> list[Path]:
+    try:
+        return [p for p in channel.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
+def label_path(image: str) -> str:
+    """Ultralytics' documented rule: the last /images/ becomes /labels/, the extension .txt."""
+    head, sep, tail = ("/" + image).rpartition("/images/")
+    stem = os.path.splitext(tail if sep else image)[0]
+    return (head + "/labels/" + stem + ".txt").lstrip("/") if sep else stem + ".txt"
+
+
+def parse_labels(text: str) -> tuple[list[tuple[str, list[float] | None]], int]:
+    """Rows as (class, [cx, cy, w, h]; None when malformed) and the count of repeated rows."""
+    rows, seen, repeats = [], set(), 0
+    for line in text.splitlines():
+        values = line.split()
+        if not values:
+            continue
+        try:
+            numbers = [float(v) for v in values[1:]]
+        except ValueError:
+            numbers = []
+        box = None
+        if len(numbers) == 4:
+            box = numbers
+        elif len(numbers) >= 6 and len(numbers) % 2 == 0:
+            xs, ys = numbers[0::2], numbers[1::2]
+            box = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+        key = (values[0], tuple(box or values[1:]))
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        rows.append((values[0], box))
+    return rows, repeats
+
+
+def class_id(text: str, nc: int) -> int | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not value.is_integer() or not 0 <= value < nc:
+        return None
+    return int(value)
+
+
+def _names(data: dict, path: Path) -> list[str]:
+    names, nc = data.get("names"), data.get("nc")
+    if isinstance(names, dict):
+        try:
+            ids = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            ids = None
+        if ids is None or ids != list(range(len(ids))):
+            raise UserInputError(
+                f"'names' in {path} must map the class ids 0, 1, 2, ... to names, not "
+                f"{shorten(names)}; number the classes from 0 without gaps."
+            )
+        names = [str(names[k] if k in names else names[str(k)]) for k in ids]
+    elif isinstance(names, list):
+        names = [str(n) for n in names]
+    elif names is None and isinstance(nc, int) and nc > 0:
+        names = [str(k) for k in range(nc)]
+    else:
+        raise UserInputError(
+            f"{path} has no class names: give 'names' as a list or a {{0: name}} map (or 'nc')."
+        )
+    if isinstance(nc, int) and nc != len(names):
+        raise UserInputError(
+            f"{path} says nc: {nc} but 'names' lists {len(names)} classes; make them agree."
+        )
+    return names
+
+
+def _resolve(root: Path, entry: str, channel: Path, yaml_path: Path) -> Path:
+    """A data.yaml entry inside the channel; Roboflow's '../valid/images' is retried without
+    the '../' (as Ultralytics does). Fails naming the path tried."""
+    tried = []
+    for text in (entry, entry[3:] if entry.startswith("../") else None):
+        if text is None:
+            continue
+        path = safe_join(root, text)
+        if path is None or not str(path.resolve()).startswith(str(channel.resolve())):
+            tried.append(f"{text} (outside the channel)")
+            continue
+        if path.exists():
+            return path
+        tried.append(str(path))
+    raise UserInputError(
+        f"{yaml_path} points to {shorten(entry)}, which is not in the channel (tried "
+        f"{shorten('; '.join(tried), 300)}); give a folder or .txt list relative to the yaml's folder."
+    )
+
+
+def _images_of(source: Path, channel: Path, boundary: Boundary, report: DataReport) -> list[str]:
+    """A folder (its images, recursively) or a .txt list (paths relative to the list's folder)."""
+    if source.is_dir():
+        return [relative(channel, p) for p in walk_files(source, is_image)]
+    boundary.check(source, "image list")
+    listed = []
+    for line in read_text(source, "image list").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        path = safe_join(source.parent, line[2:] if line.startswith("./") else line)
+        if path is None:
+            report.add("image_skipped_unsafe_file_name", shorten(line))
+            continue
+        listed.append(os.path.normpath(relative(channel, path)))
+    return listed
+
+
+def _parts(channel: Path, boundary: Boundary, report: DataReport
+           ) -> tuple[list[str], dict[str, list[str]], Path]:
+    """The class names, the images of each part (train, val), and the file naming the data."""
+    yaml_path = next((channel / n for n in YAML_NAMES if (channel / n).is_file()), None)
+    if yaml_path is None:
+        class_file = find_class_list([channel])
+        if class_file is None:
+            raise UserInputError(
+                f"no data.yaml, classes.txt nor obj.names in {channel}; add a data.yaml with "
+                "'train', 'val' and 'names'."
+            )
+        names = read_class_list(class_file, boundary)
+        images = [relative(channel, p) for p in walk_files(channel, is_image)]
+        return names, {"all": images}, class_file
+    boundary.check(yaml_path, "data.yaml")
+    try:
+        data = yaml.safe_load(read_text(yaml_path, "data.yaml"))
+    except yaml.YAMLError as exc:
+        raise UserInputError(
+            f"{yaml_path} is not valid YAML ({shorten(str(exc).splitlines()[0], 200)}); fix it."
+        ) from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{yaml_path} must hold a mapping with 'train', 'val' and 'names'.")
+    names = _names(data, yaml_path)
+    root = yaml_path.parent
+    if isinstance(data.get("path"), str) and data["path"] not in ("", "."):
+        inside = safe_join(root, data["path"])
+        if inside is not None and inside.is_dir():
+            root = inside
+        else:  # another machine's dataset folder: the channel holds the data itself
+            report.add("yaml_path_ignored", f"{yaml_path}: path {shorten(data['path'])}")
+    parts: dict[str, list[str]] = {}
+    for part, keys in (("train", ("train",)), ("val", ("val", "validation"))):
+        entries = next((data[k] for k in keys if data.get(k)), None)
+        if entries is None:
+            continue
+        images: list[str] = []
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if not isinstance(entry, str):
+                raise UserInputError(
+                    f"'{part}' in {yaml_path} must be a path or a list of paths, not {shorten(entry)}."
+                )
+            images += _images_of(_resolve(root, entry, channel, yaml_path), channel, boundary, report)
+        parts[part] = images
+    if "train" not in parts:
+        raise UserInputError(f"{yaml_path} has no 'train' entry; give the training images' folder.")
+    return names, parts, yaml_path
+
+
+def read(channel: Path, hp: Hyperparameters, report: DataReport,
+         categories: list[Category] | None = None) -> CocoData:
+    boundary = Boundary(channel)
+    names, parts, source = _parts(channel, boundary, report)
+    seen: dict[str, str] = {}
+    for part, images in parts.items():
+        for image in images:
+            if image in seen and seen[image] != part:
+                report.add("split_image_in_train_and_val", image)  # used for training only
+                continue
+            seen.setdefault(image, part)
+    images, annotations = [], []
+    file_names = list(seen)
+    found, part = map_chunks(read_images, file_names, str(channel), len(names))
+    merge(report, part)
+    for file_name, (entry, boxes) in zip(file_names, found):
+        if entry is None:
+            continue
+        images.append(entry)
+        for category, bbox in boxes:
+            annotations.append({"id": len(annotations), "image_id": file_name,
+                                "category_id": category, "bbox": bbox})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": k, "name": n} for k, n in enumerate(names)]}
+    if set(parts) == {"train", "val"}:
+        split = {part: {i for i, p in seen.items() if p == part} for part in parts}
+        split["how"] = f"{source.name} train and val"
+    else:
+        split = split_by_folder(images)
+    return records(channel, coco, source, report, categories, split=split)
+
+
+def read_images(file_names: list[str], channel: str, nc: int) -> tuple[list, DataReport]:
+    """read_image for a chunk of images (in a worker process when there are many)."""
+    report = DataReport()
+    root = Path(channel)
+    boundary = Boundary(root)
+    return [read_image(root, f, nc, boundary, report) for f in file_names], report
+
+
+def read_image(channel: Path, file_name: str, nc: int, boundary: Boundary, report: DataReport
+               ) -> tuple[dict | None, list[tuple[Any, list[float] | None]]]:
+    """One image's entry (its size from the header) and its boxes in pixels; None when its
+    label file cannot be used (the image is skipped: its boxes are unknown, not absent)."""
+    entry: dict[str, Any] = {"id": file_name, "file_name": file_name}
+    image = safe_join(channel, file_name)
+    if image is None or not boundary.inside(image):
+        return entry, []  # coco_records names and counts the image
+    size = image_size(image)
+    if size is None:
+        return entry, []  # counted by coco_records as unreadable
+    entry["width"], entry["height"] = width, height = size
+    label = channel / label_path(file_name)
+    if not os.path.lexists(label):
+        report.add("images_without_label_file", n=1)
+        return entry, []
+    if not boundary.per_image(label, report):
+        return None, []
+    try:
+        rows, repeats = parse_labels(label.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as exc:
+        report.add("image_skipped_unreadable_label_file", f"{label}: {shorten(str(exc), 80)}")
+        return None, []
+    if repeats:
+        report.add("box_dropped_repeated_row", str(relative(channel, label)), n=repeats)
+    boxes = []
+    for text, box in rows:
+        category = class_id(text, nc)
+        bbox = None
+        if box is not None:
+            cx, cy, w, h = box
+            bbox = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
+            if not all(math.isfinite(v) for v in bbox):
+                bbox = None
+        boxes.append((category if category is not None else f"unknown: {text}", bbox))
+    return entry, boxes
