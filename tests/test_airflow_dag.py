@@ -26,7 +26,7 @@ from sm_effdet.demo import make_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "pipelines" / "airflow"
-DAG_FILE = PIPELINE / "sm_effdet_dag.py"
+DAG_FILE = PIPELINE / "dags" / "sm_effdet_dag.py"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sm-effdet:test"
 BUCKET = "sm-effdet-airflow-test"
@@ -50,7 +50,7 @@ def airflow_env(home: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(PIPELINE),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAG_FILE.parent),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
         # Airflow's default asks DNS for this machine's full name; the tests stay on loopback.
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",
@@ -64,7 +64,7 @@ def test_airflow_imports_the_dag_without_errors(airflow):
     python, home = airflow
     script = (
         "from airflow.dag_processing.dagbag import DagBag\n"
-        f"bag = DagBag(dag_folder={str(DAG_FILE)!r}, include_examples=False)\n"
+        f"bag = DagBag(dag_folder={str(DAG_FILE)!r})\n"
         "print('errors', bag.import_errors)\n"
         "dag = bag.get_dag('sm_effdet_train_gate_deploy')\n"
         "print('tasks', sorted(t.task_id for t in dag.tasks))\n"
@@ -105,7 +105,8 @@ def test_emulated_dag_run_trains_gates_and_deploys(airflow, aws, tmp_path):
     s3 = boto3.client("s3")
     sagemaker = boto3.client("sagemaker")
     s3.create_bucket(Bucket=BUCKET)
-    data = make_shapes_dataset(tmp_path / "shapes" / "training", n_images=6)
+    data = tmp_path / "shapes" / "training"
+    make_shapes_dataset(data, n_images=6)
     job = "sm-effdet-airflow-good"
     # Where the job's ModelArtifacts point (the launcher's output path, then <job>/output/).
     s3.put_object(Bucket=BUCKET, Key=f"sm-effdet/jobs/{job}/output/model.tar.gz",

@@ -23,9 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-# sm_effdet comes from the checkout (pipelines/airflow/ -> src/), from SM_EFFDET_SRC, or from
+# sm_effdet comes from the checkout (pipelines/airflow/dags/ -> src/), from SM_EFFDET_SRC, or from
 # a copy of src/sm_effdet beside this file in the dags folder (which Airflow puts on sys.path).
-for _src in (os.environ.get("SM_EFFDET_SRC"), Path(__file__).resolve().parents[2] / "src"):
+for _src in (os.environ.get("SM_EFFDET_SRC"), Path(__file__).resolve().parents[3] / "src"):
     if _src and (Path(_src) / "sm_effdet" / "launch").is_dir() and str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
         break
