@@ -25,6 +25,7 @@ from .environment import (
 )
 from .errors import JobStopped, UserInputError, failure_reason, write_failure
 from .formats import REPORT_FILE, Category, DataReport, ImageRecord, read_dataset
+from .formats.pipe import cache_pipe_channels
 from .hyperparameters import Hyperparameters
 from .preprocessing import backbone_normalization
 
@@ -38,12 +39,14 @@ def prepare_data(
     env: TrainingEnvironment, hp: Hyperparameters, report: DataReport
 ) -> tuple[list[Category], list[ImageRecord], list[ImageRecord]]:
     """Read the training (and validation) channel and split; fail when nothing usable is left."""
-    if env.channel(TRAINING_CHANNEL) is None:
+    channels = cache_pipe_channels(env.paths.input_data, env.input_data_config, env.channels,
+                                   hp.label_attribute)
+    if channels.get(TRAINING_CHANNEL) is None:
         raise UserInputError(
             f"the job has no '{TRAINING_CHANNEL}' channel ({env.paths.channel(TRAINING_CHANNEL)} "
             "does not exist); give the annotations and their images as a channel named 'training'."
         )
-    dataset = read_dataset(env.channels, hp, report)
+    dataset = read_dataset(channels, hp, report)
     return dataset.categories, dataset.train, dataset.val
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from ..hyperparameters import Hyperparameters
-from . import coco
+from . import coco, groundtruth
 from .coco import MAX_IMAGE_PIXELS, Category, DataReport, ImageRecord
 
 __all__ = [
@@ -53,9 +53,13 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
                 "give a path relative to the channel's root or leave split_file out."
             )
     excluded = [hp.split_file] if hp.split_file else []
-    annotation_file = coco.find_annotation_file(training, hp.annotations_file, excluded)
     train_report = DataReport()
-    train_data = coco.load_coco(training, annotation_file, train_report)
+    if _is_groundtruth(training, hp):
+        train_data = groundtruth.read(training, hp, train_report)
+        annotation_file = train_data.annotation_file
+    else:
+        annotation_file = coco.find_annotation_file(training, hp.annotations_file, excluded)
+        train_data = coco.load_coco(training, annotation_file, train_report)
     report.add_channel(TRAINING, train_report)
     coco.check_num_classes(hp.num_classes, train_data.categories)
 
@@ -65,9 +69,13 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
         )
         val_source = f"split file {split_path}"
     elif validation is not None:
-        val_file = coco.find_annotation_file(validation, None, nameable=False)
         val_report = DataReport()
-        val_data = coco.load_coco(validation, val_file, val_report, categories=train_data.categories)
+        if _is_groundtruth(validation, hp):
+            val_data = groundtruth.read(validation, hp, val_report, train_data.categories)
+            val_file = val_data.annotation_file
+        else:
+            val_file = coco.find_annotation_file(validation, None, nameable=False)
+            val_data = coco.load_coco(validation, val_file, val_report, categories=train_data.categories)
         report.add_channel(VALIDATION, val_report)
         coco.check_same_categories(train_data.categories, annotation_file,
                                    val_data.file_categories, val_file)
@@ -93,3 +101,10 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
             "validation channel to hold out val_fraction of the training images at random."
         )
     return Dataset(train_data.categories, train, val)
+
+
+def _is_groundtruth(channel: Path, hp: Hyperparameters) -> bool:
+    # Until per-channel format detection lands: a manifest in the channel (or the format named).
+    if hp.annotation_format != "auto":
+        return hp.annotation_format == groundtruth.NAME
+    return bool(groundtruth.find(channel))
