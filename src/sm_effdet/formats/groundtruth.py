@@ -270,6 +270,8 @@ def _resolve_file_names(channel: Path, data: dict, manifest: Path, report: DataR
         if by_name is None:
             by_name = _files_by_name(channel, manifest)
         candidates = by_name.get(posixpath.basename(relative), [])
+        if len(candidates) > 1:  # files of one name in several folders: the S3 path's folders decide
+            candidates = [c for c in candidates if ("/" + c).endswith("/" + relative)] or candidates
         if len(candidates) == 1:
             entry["file_name"] = candidates[0]
         elif len(candidates) > 1:
