@@ -100,10 +100,17 @@ def _read_lines(manifest: Path, report: DataReport) -> list[tuple[int, dict]]:
         ) from None
     if data.startswith(b"\xef\xbb\xbf"):  # a BOM, as Windows editors write it
         data = data[3:]
+    numbered = [(n, raw) for n, raw in enumerate(data.split(b"\n"), 1) if raw.strip()]
+    try:
+        # One parser call for the whole file, as fast as json.load of a COCO file; a file with
+        # a bad line is read again line by line to count and name it.
+        values = json.loads(b"[" + b",".join(raw for _, raw in numbered) + b"]")
+        if all(type(v) is dict for v in values):
+            return [(n, v) for (n, _), v in zip(numbered, values)]
+    except (ValueError, RecursionError):
+        pass
     lines = []
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
+    for number, raw in numbered:
         try:
             value = json.loads(raw)  # bytes: a trailing \r is whitespace to the parser
             problem = None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
@@ -174,40 +181,49 @@ def _image_size(label: dict) -> tuple[Any, Any]:
     return None, None  # coco_records reads the image's header instead
 
 
+def _skip_reason(line: dict, attribute: str, label: Any, metadata: dict, boxes: Any) -> tuple[str, str] | None:
+    """Why a line gives no image (a report reason and a detail), or None."""
+    if metadata.get("failure-reason"):
+        return "image_skipped_labelling_failed", f": {shorten(metadata['failure-reason'], 80)}"
+    if label is None:
+        return "image_skipped_not_labelled", ""
+    if not isinstance(line.get(SOURCE_REF), str) or not line[SOURCE_REF]:
+        return "image_skipped_no_source_ref", ""
+    if not isinstance(boxes, list):
+        return "image_skipped_malformed_label", f": '{attribute}' {shorten(json.dumps(label), 60)}"
+    return None
+
+
 def _coco_dict(lines: list[tuple[int, dict]], manifest: Path, attribute: str, report: DataReport) -> dict:
     """One COCO image per usable line (id: its source-ref), one annotation per box; the
     categories are the union of the lines' class-maps."""
     images, annotations = [], []
     names: dict[Any, str] = {}
+    seen: set = set()  # (key, name) pairs of the class-maps, most of them repeated on every line
     used: set = set()
+    metadata_key = attribute + METADATA_SUFFIX
     for number, line in lines:
-        where = f"{manifest.name} line {number}"
         label = line.get(attribute)
-        metadata = line.get(attribute + METADATA_SUFFIX)
+        metadata = line.get(metadata_key)
         metadata = metadata if isinstance(metadata, dict) else {}
         boxes = label.get("annotations") if isinstance(label, dict) else None
-        reason = None
-        if metadata.get("failure-reason"):
-            reason = "image_skipped_labelling_failed"
-            where += f": {shorten(metadata['failure-reason'], 80)}"
-        elif label is None:
-            reason = "image_skipped_not_labelled"
-        elif not isinstance(line.get(SOURCE_REF), str) or not line[SOURCE_REF]:
-            reason = "image_skipped_no_source_ref"
-        elif not isinstance(boxes, list):
-            reason = "image_skipped_malformed_label"
-            where += f": '{attribute}' {shorten(json.dumps(label), 60)}"
-        if reason:
+        skipped = _skip_reason(line, attribute, label, metadata, boxes)
+        if skipped:
             report.add("images_listed")
             report.add("boxes_listed", n=len(boxes) if isinstance(boxes, list) else 0)
-            report.add(reason, where)
+            report.add(skipped[0], f"{manifest.name} line {number}{skipped[1]}")
             continue
         class_map = metadata.get("class-map")
         for key, name in (class_map.items() if isinstance(class_map, dict) else ()):
+            name = str(name)
+            if (key, name) in seen:
+                continue
+            seen.add((key, name))
             cid = class_id(key)
-            if names.setdefault(cid, str(name)) != str(name):
+            if names.setdefault(cid, name) != name:
                 report.add("category_name_differs_between_lines",
-                           f"{where}: class {key} is '{shorten(name, 40)}', earlier '{names[cid]}'")
+                           f"{manifest.name} line {number}: class {key} is '{shorten(name, 40)}', "
+                           f"earlier '{names[cid]}'")
         ref = line[SOURCE_REF]
         width, height = _image_size(label)
         images.append({"id": ref, "file_name": ref, "width": width, "height": height})
@@ -215,7 +231,8 @@ def _coco_dict(lines: list[tuple[int, dict]], manifest: Path, attribute: str, re
             if not isinstance(box, dict):
                 annotations.append(box)  # counted as malformed by coco_records
                 continue
-            cid = class_id(box.get("class_id"))
+            cid = box.get("class_id")
+            cid = cid if type(cid) is int else class_id(cid)
             used.add(cid)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": ref, "category_id": cid,
@@ -259,13 +276,20 @@ def _resolve_file_names(channel: Path, data: dict, manifest: Path, report: DataR
     """Turn each image's source-ref into a path relative to the channel. An unsafe path is left
     for coco_records to refuse and count; one matching several files by name is skipped here."""
     prefix = common_prefix([e["id"] for e in data["images"]])
+    root = str(channel)
     by_name: dict[str, list[str]] | None = None
     ambiguous: dict[str, list[str]] = {}
+    # The folder that found the last image by name (images/, say) is tried first for the next.
+    folder = ""
     for entry in data["images"]:
         relative = entry["id"][len(prefix):]
         entry["file_name"] = relative
-        path = coco.safe_join(channel, relative)
-        if path is None or os.path.lexists(path):
+        if coco.safe_join(channel, relative) is None:
+            continue  # coco_records refuses and counts it
+        if folder and os.path.lexists(os.path.join(root, folder + relative)):
+            entry["file_name"] = folder + relative
+            continue
+        if os.path.lexists(os.path.join(root, relative)):
             continue
         if by_name is None:
             by_name = _files_by_name(channel, manifest)
@@ -274,6 +298,8 @@ def _resolve_file_names(channel: Path, data: dict, manifest: Path, report: DataR
             candidates = [c for c in candidates if ("/" + c).endswith("/" + relative)] or candidates
         if len(candidates) == 1:
             entry["file_name"] = candidates[0]
+            if candidates[0].endswith("/" + relative):
+                folder = candidates[0][: -len(relative)]
         elif len(candidates) > 1:
             ambiguous[entry["id"]] = candidates
     if not ambiguous:
