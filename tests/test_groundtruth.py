@@ -187,6 +187,45 @@ def test_several_label_attributes_are_listed_and_one_can_be_named(tmp_path):
         read(channel, label_attribute="nope")
 
 
+def test_files_of_one_name_in_several_folders_follow_the_s3_folders(tmp_path):
+    channel = tmp_path / "gt"
+    make_shapes_dataset(channel / "data", n_images=2)
+    for kind in ("cats", "dogs"):
+        (channel / "data" / kind).mkdir()
+        shutil.copy(channel / "data/images/shape_00000.jpg", channel / "data" / kind / "1.jpg")
+    write_lines(channel / "output.manifest", [
+        box_line("s3://b/cats/1.jpg", 240, 320, [(0, (1, 1, 20, 20))], {"0": "cat"}),
+        # a class the boxes use that no class-map names: kept under its id, counted
+        box_line("s3://b/dogs/1.jpg", 240, 320, [(5, (1, 1, 20, 20))], {}),
+    ])
+    report = DataReport()
+    data = read(channel, report)
+    assert sorted(r.file_name for r in data.images) == ["data/cats/1.jpg", "data/dogs/1.jpg"]
+    assert [(c.id, c.name) for c in data.categories] == [(0, "cat"), (5, "5")]
+    assert report.counts["category_not_in_any_class_map"] == 1
+
+
+def test_a_cached_stream_without_metadata_names_classes_by_id(tmp_path):
+    # A regular file in the FIFO's place (a local run) is read the same way.
+    source_channel = tmp_path / "labelled"
+    data = make_shapes_dataset(source_channel, n_images=3)
+    lines = coco_as_manifest(data)
+    source = tmp_path / "training_0"
+    source.write_bytes(pipe_stream(source_channel, lines, ATTRIBUTE))
+    folder = pipe.cache_channel(source, tmp_path / "cache" / "training", "training", "label")
+    assert folder == tmp_path / "cache" / "training" and not (tmp_path / "cache" / "training.partial").exists()
+    records = read(folder).images
+    assert [r.file_name for r in records] == ["000001.jpg", "000002.jpg", "000003.jpg"]
+    assert [c.name for c in read(folder).categories] == ["3", "7", "12"]
+    expected = coco.coco_records(source_channel, data, source_channel / "x", DataReport()).images
+    for got, want in zip(records, expected):
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=0.5)
+        assert (got.width, got.height) == (want.width, want.height)
+    # Found cached (as Lightning's DDP processes find it): the stream is not read again.
+    source.unlink()
+    assert pipe.cache_channel(source, folder, "training", "label") == folder
+
+
 def test_discovery_and_bad_files_are_named(tmp_path):
     channel = tmp_path / "gt"
     channel.mkdir()
