@@ -226,6 +226,17 @@ def test_a_cached_stream_without_metadata_names_classes_by_id(tmp_path):
     assert pipe.cache_channel(source, folder, "training", "label") == folder
 
 
+def test_a_line_with_two_objects_is_one_unreadable_line(tmp_path):
+    channel = tmp_path / "gt"
+    make_shapes_dataset(channel, n_images=1)
+    good = box_line(f"{BUCKET}/images/shape_00000.jpg", 240, 320, [(0, (1, 1, 20, 20))], {"0": "a"})
+    two = json.dumps({"source-ref": "s3://b/x.jpg"}) + ", " + json.dumps({"source-ref": "s3://b/y.jpg"})
+    write_lines(channel / "output.manifest", [good, two])
+    report = DataReport()
+    assert len(read(channel, report).images) == 1
+    assert report.examples["image_skipped_unreadable_manifest_line"] == ["output.manifest line 2: Extra data"]
+
+
 def test_discovery_and_bad_files_are_named(tmp_path):
     channel = tmp_path / "gt"
     channel.mkdir()

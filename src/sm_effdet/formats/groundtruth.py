@@ -105,7 +105,8 @@ def _read_lines(manifest: Path, report: DataReport) -> list[tuple[int, dict]]:
         # One parser call for the whole file, as fast as json.load of a COCO file; a file with
         # a bad line is read again line by line to count and name it.
         values = json.loads(b"[" + b",".join(raw for _, raw in numbered) + b"]")
-        if all(type(v) is dict for v in values):
+        # A line holding two objects, or an object spread over two lines, changes the count.
+        if len(values) == len(numbered) and all(type(v) is dict for v in values):
             return [(n, v) for (n, _), v in zip(numbered, values)]
     except (ValueError, RecursionError):
         pass
