@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, failure_text, model_files, run_train
+from conftest import FAST, model_files, run_train
 
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.environment import Paths, read_input_data_config
