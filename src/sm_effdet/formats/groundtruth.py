@@ -294,17 +294,18 @@ def _resolve_file_names(channel: Path, data: dict, manifest: Path, report: DataR
     root = str(channel)
     by_name: dict[str, list[str]] | None = None
     ambiguous: dict[str, list[str]] = {}
-    # The folder that found the last image by name (images/, say) is tried first for the next.
+    # The folder where the last image was found by name (images/, say) is tried next, before
+    # a search by name.
     folder = ""
     for entry in data["images"]:
         relative = entry["id"][len(prefix):]
         entry["file_name"] = relative
         if coco.safe_join(channel, relative) is None:
             continue  # coco_records refuses and counts it
+        if os.path.lexists(os.path.join(root, relative)):
+            continue
         if folder and os.path.lexists(os.path.join(root, folder + relative)):
             entry["file_name"] = folder + relative
-            continue
-        if os.path.lexists(os.path.join(root, relative)):
             continue
         if by_name is None:
             by_name = _files_by_name(channel, manifest)
