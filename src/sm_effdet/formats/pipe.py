@@ -76,7 +76,8 @@ def cache_channel(fifo: Path, folder: Path, channel: str, label_attribute: str) 
         log.info("Pipe channel '%s': using the images cached in %s", channel, folder)
         return folder
     partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    for stale in (partial, folder):  # left by an earlier attempt in this container
+        shutil.rmtree(stale, ignore_errors=True)
     partial.mkdir(parents=True)
     started = time.monotonic()
     try:
