@@ -31,6 +31,9 @@ Not a pass/fail test: it prints figures.
    118,000 Pascal VOC XMLs for the same images and boxes, each read into the job's records,
    against json.load of the equivalent COCO JSON; YOLO reads every image's header (its labels
    hold no size), timed apart.
+11. start-up from a Ground Truth output manifest of the same 118,000 images (one JSON line each,
+   with image_size, so no image is opened): the job's manifest reader to image records, against
+   json.load of the equivalent COCO JSON.
 
 `--sections 5` runs only the serving part (any list, e.g. `--sections 8,9`);
 `--serve-requests`/`--rss-requests`, `--eval-images` and `--tb-epochs`/`--tb-repeats` shorten them.
@@ -218,6 +221,80 @@ CHILDREN = {
     for f in (child_json_load, child_job_dataset, child_icevision_parser, child_onnx_cpu,
               child_format_read, child_image_headers)
 }
+
+
+# ---------------------------------------------------------------- 11. a Ground Truth manifest
+
+
+def manifest_from_coco(channel: Path) -> Path:
+    """The output manifest a bounding-box labelling job would have written for the channel's
+    COCO JSON: one line per image, with image_size, so reading it opens no image. The images
+    sit in the channel's images/ folder, below the manifest's common S3 prefix's parent, as when
+    a channel holds a dataset folder: each is found by its file name."""
+    from collections import defaultdict
+
+    coco = json.loads((channel / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    boxes = defaultdict(list)
+    for a in coco["annotations"]:
+        boxes[a["image_id"]].append(a)
+    path = channel / "output.manifest"
+    with open(path, "w") as f:
+        for image in coco["images"]:
+            own = boxes[image["id"]]
+            f.write(json.dumps({
+                "source-ref": f"s3://bench-bucket/coco/{image['file_name']}",
+                "bench-job": {
+                    "image_size": [{"width": image["width"], "height": image["height"], "depth": 3}],
+                    "annotations": [
+                        {"class_id": a["category_id"], "left": a["bbox"][0], "top": a["bbox"][1],
+                         "width": a["bbox"][2], "height": a["bbox"][3]} for a in own
+                    ],
+                },
+                "bench-job-metadata": {
+                    "objects": [{"confidence": 0.9} for _ in own],
+                    "class-map": {str(c): names[c] for c in {a["category_id"] for a in own}},
+                    "type": "groundtruth/object-detection", "human-annotated": "yes",
+                    "creation-date": "2026-01-01T00:00:00.000000", "job-name": "labeling-job/bench-job",
+                },
+            }) + "\n")
+    return path
+
+
+def child_groundtruth_read(channel: str) -> dict:
+    started = time.perf_counter()
+    from sm_effdet.formats import DataReport, groundtruth
+    from sm_effdet.hyperparameters import parse_hyperparameters
+
+    imports = time.perf_counter() - started
+    started = time.perf_counter()
+    report = DataReport()
+    data = groundtruth.read(Path(channel), parse_hyperparameters({}), report)
+    return {"seconds": time.perf_counter() - started, "imports": imports, "images": len(data.images),
+            "opened": report.counts["image_size_read_from_file"]}
+
+
+CHILDREN["groundtruth_read"] = child_groundtruth_read
+
+
+def groundtruth_startup(work: Path, channel: Path | None, n_images: int, n_boxes: int) -> list[str]:
+    lines = []
+    if channel is None:
+        channel = coco_scale_tree(work / "groundtruth", n_images, n_boxes)
+    started = time.perf_counter()
+    manifest = manifest_from_coco(channel)
+    count = manifest.read_bytes().count(b"\n")
+    lines.append(f"  wrote a {count}-line manifest "
+                 f"({manifest.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s")
+    baseline = run_child("json_load", str(channel))
+    ours = run_child("groundtruth_read", str(channel))
+    lines.append(f"  json.load of the COCO JSON            {baseline['seconds']:7.2f} s  peak {baseline['peak_mb']:6.0f} MB")
+    lines.append(
+        f"  job: manifest -> {ours['images']} image records {ours['seconds']:7.2f} s  peak {ours['peak_mb']:6.0f} MB"
+        f"  = {ours['seconds'] / baseline['seconds']:.2f}x json.load; images opened {ours['opened']};"
+        f" imports before it {ours['imports']:.1f} s"
+    )
+    return lines
 
 
 def run_child(name: str, *args: str) -> dict:
@@ -719,7 +796,7 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="which parts to run, e.g. 5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11", help="which parts to run, e.g. 5")
     parser.add_argument("--format-images", type=int, default=118_000)
     parser.add_argument("--format-boxes", type=int, default=860_000)
     parser.add_argument("--serve-requests", type=int, default=400)
@@ -790,6 +867,9 @@ def main() -> None:
         if 10 in sections:
             print("10. start-up for other formats (YOLO, Pascal VOC) against json.load of the same COCO")
             print("\n".join(other_formats(work, args.format_images, args.format_boxes)), flush=True)
+        if 11 in sections:
+            print("11. start-up: a Ground Truth manifest at COCO scale")
+            print("\n".join(groundtruth_startup(work, channel, args.images, args.boxes)), flush=True)
 
 
 def onnx_vs_pytorch(img_size: int, rounds: int) -> str:

@@ -122,12 +122,22 @@ def read_input_data_config(path: Path) -> dict[str, Any]:
                       'a JSON object of channel name: settings ({"training": {...}})')
     for name, settings in config.items():
         settings = _require(path, name, settings, dict, 'a JSON object ({"TrainingInputMode": "File"})')
-        if settings.get("TrainingInputMode") == "Pipe":
+        if settings.get("TrainingInputMode") == "Pipe" and not streams_augmented_manifest(settings):
             raise UserInputError(
                 f"channel '{shorten(name)}' uses Pipe input mode, which cannot deliver image "
-                "folders; set its TrainingInputMode (or the job's input mode) to File or FastFile."
+                "folders; set its TrainingInputMode (or the job's input mode) to File or FastFile, "
+                "or stream a Ground Truth augmented manifest (S3DataType AugmentedManifestFile, "
+                "AttributeNames [\"source-ref\", \"<label attribute>\"], RecordWrapperType RecordIO)."
             )
     return config
+
+
+def streams_augmented_manifest(settings: dict[str, Any]) -> bool:
+    """Whether a Pipe channel delivers image and label records the job can cache: RecordIO
+    wrapping keeps each image apart from its label (inputdataconfig.json carries
+    RecordWrapperType; S3DataType is checked when present)."""
+    return settings.get("RecordWrapperType") == "RecordIO" and settings.get(
+        "S3DataType", "AugmentedManifestFile") == "AugmentedManifestFile"
 
 
 def read_resource_config(path: Path) -> tuple[str, tuple[str, ...], str | None]:

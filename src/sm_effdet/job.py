@@ -24,6 +24,7 @@ from .environment import (
 )
 from .errors import JobStopped, UserInputError, failure_reason, write_failure
 from .formats import REPORT_FILE, Category, DataReport, ImageRecord, read_dataset
+from .formats.pipe import cache_pipe_channels
 from .hyperparameters import Hyperparameters
 from .preprocessing import backbone_normalization
 
@@ -37,8 +38,11 @@ def prepare_data(
     env: TrainingEnvironment, hp: Hyperparameters, report: DataReport
 ) -> tuple[list[Category], list[ImageRecord], list[ImageRecord]]:
     """Read the training (and validation) channel, in whichever annotation format, and split;
-    fail when nothing usable is left (read_dataset names a missing channel)."""
-    dataset = read_dataset(env.channels, hp, report)
+    fail when nothing usable is left (read_dataset names a missing channel). Pipe channels
+    (augmented manifests) are first cached to disk from their epoch-0 stream."""
+    channels = cache_pipe_channels(env.paths.input_data, env.input_data_config, env.channels,
+                                   hp.label_attribute)
+    dataset = read_dataset(channels, hp, report)
     return dataset.categories, dataset.train, dataset.val
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UserInputError, shorten
 from ..hyperparameters import Hyperparameters
-from . import builtin, coco, createml, voc, yolo
+from . import builtin, coco, createml, groundtruth, voc, yolo
 from .coco import MAX_IMAGE_PIXELS, Category, CocoData, DataReport, ImageRecord
 from .common import Boundary
 
@@ -35,7 +35,7 @@ TRAINING, VALIDATION = "training", "validation"
 # fails (naming both) rather than pick one silently.
 READERS = (
     coco,
-    # groundtruth,  (the Ground Truth manifest reader: added here at merge)
+    groundtruth,
     builtin,
     voc,
     yolo,
@@ -194,3 +194,4 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
             "validation channel to hold out val_fraction of the training images at random."
         )
     return Dataset(train_data.categories, train, val)
+

@@ -13,7 +13,6 @@ import os
 import stat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from ..errors import UserInputError, shorten
 from .coco import Category, CocoData, DataReport, coco_records
