@@ -408,9 +408,9 @@ def test_detection_refuses_two_formats_and_honours_annotation_format(tmp_path):
         read({"training": tmp_path / "training"})
     data, report = read({"training": tmp_path / "training"}, annotation_format="createml")
     assert report.formats == {"training": "createml"} and len(data.train) == 4
-    with pytest.raises(UserInputError, match="annotation_format is 'voc' but the 'training' channel .* has no Pascal VOC XMLs"):
+    with pytest.raises(UserInputError, match="annotation_format is 'voc' but the 'training' channel .* does not hold Pascal VOC XMLs"):
         read({"training": tmp_path / "training"}, annotation_format="voc")
-    with pytest.raises(UserInputError, match="annotation_format 'groundtruth' is not available"):
+    with pytest.raises(UserInputError, match="annotation_format is 'groundtruth' but .* does not hold a Ground Truth manifest"):
         read({"training": tmp_path / "training"}, annotation_format="groundtruth")
 
 

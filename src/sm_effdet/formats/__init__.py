@@ -44,7 +44,7 @@ READERS = (
 FORMATS = {m.NAME: m for m in READERS}
 DESCRIPTIONS = {
     "coco": "a COCO JSON at the root or in annotations/",
-    "groundtruth": "a Ground Truth manifest (.manifest)",
+    "groundtruth": "a Ground Truth manifest (.manifest or .jsonl)",
     "builtin": "the built-in algorithm's per-image JSONs in a *_annotation channel",
     "voc": "Pascal VOC XMLs (at the root, in Annotations/ or in train/ valid/)",
     "yolo": "a YOLO data.yaml, or classes.txt / obj.names beside a labels/ folder",
@@ -66,16 +66,11 @@ def detect(channel: Path, hp: Hyperparameters, name: str):
     there (COCO when none is: its message says what is missing)."""
     chosen = hp.annotation_format
     if chosen != "auto":
-        reader = FORMATS.get(chosen)
-        if reader is None:
-            raise UserInputError(
-                f"annotation_format '{chosen}' is not available in this version; use "
-                f"{', '.join(['auto', *FORMATS])}."
-            )
+        reader = FORMATS[chosen]  # the hyperparameter parser allows only these
         if reader is not coco and not reader.find(channel):
             raise UserInputError(
-                f"annotation_format is '{chosen}' but the '{name}' channel ({channel}) has no "
-                f"{DESCRIPTIONS[chosen]}; add them, or set annotation_format to auto."
+                f"annotation_format is '{chosen}' but the '{name}' channel ({channel}) does not "
+                f"hold {DESCRIPTIONS[chosen]}; add them, or set annotation_format to auto."
             )
         return reader
     if hp.annotations_file and name == TRAINING:
