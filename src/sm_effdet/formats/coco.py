@@ -148,12 +148,16 @@ def find_annotation_file(
     if not candidates:
         where = (
             f"no COCO annotation file (.json) found at the root of {channel} nor in its "
-            f"{ANNOTATIONS_FOLDER}/ folder, nor another format's files (Pascal VOC XMLs, a YOLO "
-            "data.yaml, CreateML JSON)"
+            f"{ANNOTATIONS_FOLDER}/ folder, nor another format's files (a Ground Truth manifest, "
+            "Pascal VOC XMLs, a YOLO data.yaml, a CreateML JSON; see the README's Annotation "
+            "formats)"
         )
         if nameable:
-            raise UserInputError(f"{where}; add one or name it with the annotations_file hyperparameter.")
-        raise UserInputError(f"{where}; add the channel's COCO JSON there.")
+            raise UserInputError(
+                f"{where}; add the annotations, or name a COCO JSON with the annotations_file "
+                "hyperparameter."
+            )
+        raise UserInputError(f"{where}; add the channel's annotations there.")
     names = shorten(", ".join(str(p.relative_to(channel)) for p in candidates), 200)
     if nameable:
         raise UserInputError(
