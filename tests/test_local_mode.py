@@ -31,6 +31,8 @@ from sm_effdet.launch.local import (
     LocalJob,
     check_local_request,
     docker_command,
+    download_manifest,
+    download_prefix,
     job_environment,
     run_local,
     write_config_files,
@@ -379,3 +381,25 @@ def test_docker_command_is_built_as_sagemaker_starts_the_container(tmp_path):
     passed = {command[i + 1] for i, part in enumerate(command) if part == "-e"}
     assert passed == set(env) and "TRAINING_JOB_NAME" in passed
     assert "--gpus" not in docker_command(job, env, gpus=False)
+    request["EnableNetworkIsolation"] = True
+    assert docker_command(job, env, gpus=False)[6:8] == ["--network", "none"]
+
+
+def test_emulated_s3_prefix_and_manifest_download_as_sagemaker_lays_them_out(s3, tmp_path):
+    for key in ("d/train/a.jpg", "d/train/sub/b.jpg", "d/train/", "d/train2/c.jpg", "d/other.txt"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    # A prefix ending in '/' is a folder: the paths below it are kept.
+    assert download_prefix(s3, f"s3://{BUCKET}/d/train/", tmp_path / "folder") == 2
+    assert sorted(p.relative_to(tmp_path / "folder").as_posix() for p in (tmp_path / "folder").rglob("*.jpg")) == [
+        "a.jpg", "sub/b.jpg"]
+    # Any other prefix matches keys by their start, each kept below the prefix's folder.
+    assert download_prefix(s3, f"s3://{BUCKET}/d/train", tmp_path / "start") == 3
+    assert sorted(p.relative_to(tmp_path / "start").as_posix() for p in (tmp_path / "start").rglob("*.jpg")) == [
+        "train/a.jpg", "train/sub/b.jpg", "train2/c.jpg"]
+    manifest = [{"prefix": f"s3://{BUCKET}/d/"}, "train/a.jpg", "train2/c.jpg"]
+    s3.put_object(Bucket=BUCKET, Key="m.manifest", Body=json.dumps(manifest).encode())
+    assert download_manifest(s3, f"s3://{BUCKET}/m.manifest", tmp_path / "manifest") == 2
+    assert (tmp_path / "manifest" / "train2" / "c.jpg").read_bytes() == b"x"
+    s3.put_object(Bucket=BUCKET, Key="bad.manifest", Body=json.dumps(manifest + ["../../etc/x"]).encode())
+    with pytest.raises(UserInputError, match=r"lists '../../etc/x', which is not a file below its prefix"):
+        download_manifest(s3, f"s3://{BUCKET}/bad.manifest", tmp_path / "bad")

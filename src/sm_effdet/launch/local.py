@@ -301,7 +301,7 @@ def new_tree(work_dir: Path | None, name: str) -> Path:
         raise UserInputError(
             f"{tree} already holds a job's files; give the job a new name or another work folder."
         )
-    for folder in ("input/config", "input/data", "model", "output/data", "code"):
+    for folder in ("input/config", "input/data", "model", "output/data"):
         (tree / folder).mkdir(parents=True, exist_ok=True)
     return tree
 
@@ -470,6 +470,8 @@ def docker_command(job: LocalJob, env: Mapping[str, str], gpus: bool) -> list[st
     command = ["docker", "run", "--rm", "--name", job.name, f"--shm-size={SHM_SIZE}"]
     if gpus:
         command += ["--gpus", "all"]
+    if job.request.get("EnableNetworkIsolation"):
+        command += ["--network", "none"]
     command += ["-v", f"{job.tree}:{CONTAINER_BASE}"]
     for source, target in job.mounts:
         command += ["-v", f"{source}:{target}:ro"]
@@ -632,6 +634,9 @@ def run_local(
     env = job_environment(job)
     command, process_env = train_command(job, env)
     print("local mode: " + " ".join(command), file=out, flush=True)
+    if request.get("EnableNetworkIsolation") and not image:
+        print("local mode: EnableNetworkIsolation is honoured only in the image (--image); from "
+              "the checkout train can reach the network", file=out, flush=True)
     started = time.monotonic()
     code = run_streamed(command, process_env, job.tree, out)
     seconds = time.monotonic() - started
