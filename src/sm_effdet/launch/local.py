@@ -584,6 +584,10 @@ def _s3_for(s3, uri: str):
     return _s3(s3) if _scheme(uri) == "s3" else s3
 
 
+# The best epoch's numbers a user compares first (model.json has every one).
+SUMMARY_METRICS = ("valid_map", "valid_map_50", "valid_loss", "train_loss")
+
+
 def summary(job: LocalJob, code: int, seconds: float, written: Mapping[str, str]) -> str:
     # 130 and 143: train stopped by SIGINT or SIGTERM, as StopTrainingJob stops a job.
     status = "Completed" if code == 0 else "Stopped" if code in (130, 143) else "Failed"
@@ -598,11 +602,15 @@ def summary(job: LocalJob, code: int, seconds: float, written: Mapping[str, str]
             meta = json.loads(card.read_text())
             metrics = meta.get("metrics") or {}
             shown = " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))
+                f"{k}={metrics[k]:.4g}" for k in SUMMARY_METRICS
+                if isinstance(metrics.get(k), (int, float))
             )
             lines.append(f"best epoch {meta.get('best_epoch')}: {shown or '(no metrics)'}")
         except (OSError, ValueError, AttributeError):
             lines.append(f"model.json at {card} could not be read")
+    report = job.tree / "output" / "data" / "report" / "index.html"
+    if report.exists():
+        lines.append(f"report: {report}")
     lines.append(f"model:  {written.get('model', '(none: the job failed)')}")
     lines.append(f"output: {written.get('output')}")
     lines.append(f"tree:   {job.tree}")
