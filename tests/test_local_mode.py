@@ -136,7 +136,7 @@ def test_emulated_whole_loop_s3_data_real_train_archives_on_s3_then_serve_answer
     assert re.search(r"epoch=1/1 train_loss=\S+ valid_loss=\S+ valid_map=", log), log[-3000:]
     assert "channel training: 17 objects from s3://" in log  # 16 images and annotations.json
     summary = log[log.rindex(f"local job {name}: Completed"):]
-    assert "best epoch 1: " in summary and "valid_map=" in summary
+    assert "best epoch 1: valid_map=" in summary and f"report: {tree}/output/data/report/index.html" in summary
     output_uri = f"s3://{BUCKET}/shapes/jobs/{name}/output"
     assert f"model:  {output_uri}/model.tar.gz" in summary
     assert f"output: {output_uri}/output.tar.gz" in summary
@@ -177,6 +177,19 @@ def test_emulated_whole_loop_s3_data_real_train_archives_on_s3_then_serve_answer
     assert any(key.endswith(".ckpt") for key in checkpoints), checkpoints
     events = keys(s3, f"shapes/tensorboard/{name}/tensorboard-output/")
     assert any("events.out.tfevents" in key for key in events), events
+
+    # A second job with the same checkpoint location resumes, as a restarted spot job would:
+    # asked for 2 epochs, it trains only the second.
+    second = copy.deepcopy(request)
+    second["TrainingJobName"] = f"{name}-2"
+    second["HyperParameters"]["epochs"] = "2"
+    out = io.StringIO()
+    code = run_local(second, s3=s3, work_dir=tmp_path / "work", out=out)
+    log = out.getvalue()
+    assert code == 0, log[-4000:]
+    assert f"checkpoints: {len(checkpoints)} files from s3://{BUCKET}/shapes/checkpoints/{name}" in log
+    assert "resuming from checkpoint" in log and "epoch=2/2 " in log and "epoch=1/2 " not in log, log[-4000:]
+    assert f"shapes/jobs/{name}-2/output/model.tar.gz" in keys(s3, f"shapes/jobs/{name}-2/")
 
     # serve, from the model.tar.gz a deployment would get.
     serve_base = tmp_path / "serve_opt_ml"

@@ -47,7 +47,8 @@ SHM_SIZE = "2g"
 
 def check_local_request(request: Mapping[str, Any]) -> None:
     """`check_request`, with file:// URIs and local paths accepted where SageMaker takes S3 URIs
-    (each is checked as an s3:// stand-in of the same length), then what local mode refuses."""
+    (each stands in as s3://local-file/<its path> while the rest of the request is checked: the
+    API's pattern refuses any other scheme), then what local mode refuses."""
     check_request("CreateTrainingJob", _with_stand_ins(request))
     refuse_unsupported(request)
 
