@@ -21,7 +21,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import requests
 from conftest import FAST, REPO
 from test_serve import Server
 
@@ -198,7 +197,7 @@ def test_emulated_whole_loop_s3_data_real_train_archives_on_s3_then_serve_answer
         archive.extractall(serve_base / "model", filter="data")
     server = Server(serve_base, tmp_path / "serve.log")
     try:
-        image = sorted((tmp_path / "shapes" / "images").glob("*.jpg"))[0].read_bytes()
+        image = min((tmp_path / "shapes" / "images").glob("*.jpg")).read_bytes()
         response = server.post(image, **{"X-Amzn-SageMaker-Custom-Attributes": "score_threshold=0"})
         assert response.status_code == 200, response.text
         (prediction,) = response.json()["predictions"]
@@ -416,3 +415,14 @@ def test_emulated_s3_prefix_and_manifest_download_as_sagemaker_lays_them_out(s3,
     s3.put_object(Bucket=BUCKET, Key="bad.manifest", Body=json.dumps(manifest + ["../../etc/x"]).encode())
     with pytest.raises(UserInputError, match=r"lists '../../etc/x', which is not a file below its prefix"):
         download_manifest(s3, f"s3://{BUCKET}/bad.manifest", tmp_path / "bad")
+
+
+def test_local_mode_imports_neither_torch_nor_boto3():
+    """The launcher stays light: torch runs only in train's own process, boto3 loads on use."""
+    script = (
+        "import sys, sm_effdet.launch.local; "
+        "print(sorted(m for m in ('torch', 'boto3', 'sm_effdet.job') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

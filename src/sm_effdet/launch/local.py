@@ -460,7 +460,8 @@ def python_with_torch() -> list[str]:
 
 def gpus_available() -> bool:
     try:
-        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+        probe = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, timeout=20)
+        return probe.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
