@@ -235,10 +235,12 @@ def test_emulated_bad_hyperparameter_exits_2_with_output_archive_and_no_model(s3
 # --- signals, file:// channels and output ------------------------------------------------------
 
 
-def test_sigterm_is_passed_on_to_train_and_the_stop_reaches_a_file_output_path(tmp_path):
-    """run_local in its own process with file:// channels and output: a SIGTERM sent to it
-    stops train (paused while reading image headers, before any training), as StopTrainingJob
-    would, and the failure still arrives in output.tar.gz at the file:// output path."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_is_passed_on_to_train_and_the_stop_reaches_a_file_output_path(tmp_path, signum, code):
+    """run_local in its own process with file:// channels and output: a SIGTERM (StopTrainingJob)
+    or SIGINT (Ctrl-C) sent to it stops train, paused while reading image headers before any
+    training, and the failure still arrives in output.tar.gz at the file:// output path."""
+    name = signal.Signals(signum).name
     make_shapes_dataset(tmp_path / "shapes", n_images=4)
     coco = json.loads((tmp_path / "shapes" / "annotations.json").read_text())
     for entry in coco["images"]:  # sizes must come from the images' headers: a pause point
@@ -265,17 +267,18 @@ def test_sigterm_is_passed_on_to_train_and_the_stop_reaches_a_file_output_path(t
         if "test pause at image-header" in line:
             break
     assert lines and "test pause at image-header" in lines[-1], "".join(lines[-30:])
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     rest, _ = process.communicate(timeout=300)
     log = "".join(lines) + rest
-    assert process.returncode == 143, log[-3000:]
-    assert "local mode: passing SIGTERM on to train" in log
-    assert "local job sm-effdet-local-stop: Stopped (train exited 143)" in log
+    assert process.returncode == code, log[-3000:]
+    assert f"local mode: passing {name} on to train" in log
+    assert f"local job sm-effdet-local-stop: Stopped (train exited {code})" in log
     output = tmp_path / "jobs" / "sm-effdet-local-stop" / "output"
     assert sorted(p.name for p in output.iterdir()) == ["output.tar.gz"]
     with tarfile.open(output / "output.tar.gz") as archive:
         reason = archive.extractfile("failure").read().decode()
-    assert reason.startswith("the job was stopped by SIGTERM before training began"), reason
+    assert reason.startswith(f"the job was stopped by {name}"), reason
+    assert "before training began" in reason, reason
     # The channel was a link to the user's folder, which the job read and left as it was.
     tree = tmp_path / "work" / "sm-effdet-local-stop"
     assert (tree / "input" / "data" / "training").is_symlink()

@@ -546,7 +546,7 @@ def make_archive(path: Path, members: list[tuple[Path, str]]) -> Path:
     return path
 
 
-def upload_results(job: LocalJob, code: int, s3, out: TextIO) -> dict[str, str]:
+def upload_results(job: LocalJob, code: int, s3) -> dict[str, str]:
     """model.tar.gz (a completed job only) and output.tar.gz at the real job's output path."""
     output_uri = _join(job.request["OutputDataConfig"]["S3OutputPath"], job.name, "output")
     archives = job.tree / "archives"
@@ -650,7 +650,7 @@ def run_local(
     started = time.monotonic()
     code = run_streamed(command, process_env, job.tree, out)
     seconds = time.monotonic() - started
-    written = upload_results(job, code, _s3_for(s3, request["OutputDataConfig"]["S3OutputPath"]), out)
+    written = upload_results(job, code, _s3_for(s3, request["OutputDataConfig"]["S3OutputPath"]))
     sync_afterwards(job, s3, out)
     print(summary(job, code, seconds, written), file=out, flush=True)
     return code
