@@ -388,7 +388,7 @@ def test_docker_command_is_built_as_sagemaker_starts_the_container(tmp_path):
     command = docker_command(job, env, gpus=True)
     assert command[:5] == ["docker", "run", "--rm", "--name", "sm-effdet-local-docker"]
     assert command[-2:] == ["example/sm-effdet:latest", "train"]
-    assert "--shm-size=2g" in command
+    assert "--shm-size=16g" in command
     assert command[command.index("--gpus") + 1] == "all"
     volumes = [command[i + 1] for i, part in enumerate(command) if part == "-v"]
     assert volumes == [f"{tmp_path / 'tree'}:/opt/ml", f"{tmp_path / 'holdout'}:/opt/ml/input/data/validation:ro"]

@@ -38,8 +38,9 @@ HOST = "algo-1"
 GROUP = "homogeneousCluster"
 # What a stand-in for a local URI looks like while the rest of the request is validated.
 STAND_IN_BUCKET = "local-file"
-# The job's shared memory: Docker's default (64 MB) is too small for PyTorch's data loaders.
-SHM_SIZE = "2g"
+# The job's shared memory: Docker's default (64 MB) is too small for PyTorch's data loaders;
+# the same limit as `make local-train` (a ceiling, not memory set aside).
+SHM_SIZE = "16g"
 
 
 # --- Checking ----------------------------------------------------------------------------------
@@ -394,9 +395,9 @@ def fetch_channels(job: LocalJob, s3, out: TextIO) -> None:
         if _scheme(uri) == "s3":
             target.mkdir(parents=True, exist_ok=True)
             if source["S3DataType"] == "ManifestFile":
-                count = download_manifest(_s3(s3), uri, target)
+                count = download_manifest(s3, uri, target)
             else:
-                count = download_prefix(_s3(s3), uri, target)
+                count = download_prefix(s3, uri, target)
             if not count:
                 raise UserInputError(
                     f"channel '{name}' has no objects under {shorten(uri, 200)}; upload the data "
@@ -427,13 +428,22 @@ def fetch_channels(job: LocalJob, s3, out: TextIO) -> None:
         print(f"channel {name}: {folder} {how}", file=out, flush=True)
 
 
-def _s3(s3):
-    if s3 is None:
-        import boto3
-        from botocore.config import Config
+def s3_uris(request: Mapping[str, Any]) -> list[str]:
+    """Every URI of the request that local mode reads or writes."""
+    uris = [c["DataSource"]["S3DataSource"]["S3Uri"] for c in request.get("InputDataConfig") or []]
+    uris.append(request["OutputDataConfig"]["S3OutputPath"])
+    uris += [(request.get("CheckpointConfig") or {}).get("S3Uri")]
+    uris += [(request.get("TensorBoardOutputConfig") or {}).get("S3OutputPath")]
+    return [uri for uri in uris if uri and _scheme(uri) == "s3"]
 
-        s3 = boto3.client("s3", config=Config(retries={"mode": "standard"}))
-    return s3
+
+def default_s3_client():
+    """For a caller that passes no client (the CLI passes its own): the boto3 way, with
+    botocore's standard retry mode as the launcher's clients have."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"mode": "standard"}))
 
 
 # --- Running train -----------------------------------------------------------------------------
@@ -454,7 +464,7 @@ def python_with_torch() -> list[str]:
         return [uv, "run", "--frozen", "--project", str(REPO), "python"]
     raise UserInputError(
         "this Python has no torch, the checkout has no .venv and uv is not installed; run "
-        "`make venv` (or `uv sync --frozen`) in the checkout, or give --image to train in the image."
+        "`make install` (or `uv sync --frozen`) in the checkout, or give --image to train in the image."
     )
 
 
@@ -570,7 +580,7 @@ def sync_afterwards(job: LocalJob, s3, out: TextIO) -> None:
     if checkpoint:
         folder = job.host_path(job.checkpoint_local_path)
         if folder.is_dir():
-            count = sync_up(_s3_for(s3, checkpoint["S3Uri"]), folder, checkpoint["S3Uri"], delete=True)
+            count = sync_up(s3, folder, checkpoint["S3Uri"], delete=True)
             print(f"checkpoints: {count} files synced to {checkpoint['S3Uri']}", file=out, flush=True)
     tensorboard = job.request.get("TensorBoardOutputConfig")
     if tensorboard:
@@ -578,12 +588,8 @@ def sync_afterwards(job: LocalJob, s3, out: TextIO) -> None:
         # Where SageMaker puts a job's events below the configured path.
         uri = _join(tensorboard["S3OutputPath"], job.name, "tensorboard-output")
         if folder.is_dir():
-            count = sync_up(_s3_for(s3, uri), folder, uri)
+            count = sync_up(s3, folder, uri)
             print(f"tensorboard: {count} files to {uri}", file=out, flush=True)
-
-
-def _s3_for(s3, uri: str):
-    return _s3(s3) if _scheme(uri) == "s3" else s3
 
 
 # The best epoch's numbers a user compares first (model.json has every one).
@@ -632,6 +638,8 @@ def run_local(
 ) -> int:
     """Run the CreateTrainingJob `request` here as SageMaker would; train's exit code."""
     check_local_request(request)
+    if s3 is None and s3_uris(request):
+        s3 = default_s3_client()
     job = LocalJob(request, new_tree(work_dir, request["TrainingJobName"]), image)
     print(f"local job {job.name}: /opt/ml is {job.tree}", file=out, flush=True)
     write_config_files(job)
@@ -639,7 +647,7 @@ def run_local(
     checkpoint = request.get("CheckpointConfig")
     if checkpoint:
         folder = job.host_path(job.checkpoint_local_path)
-        count = sync_down(_s3_for(s3, checkpoint["S3Uri"]), checkpoint["S3Uri"], folder)
+        count = sync_down(s3, checkpoint["S3Uri"], folder)
         print(f"checkpoints: {count} files from {checkpoint['S3Uri']}", file=out, flush=True)
     env = job_environment(job)
     command, process_env = train_command(job, env)
@@ -650,7 +658,7 @@ def run_local(
     started = time.monotonic()
     code = run_streamed(command, process_env, job.tree, out)
     seconds = time.monotonic() - started
-    written = upload_results(job, code, _s3_for(s3, request["OutputDataConfig"]["S3OutputPath"]))
+    written = upload_results(job, code, s3)
     sync_afterwards(job, s3, out)
     print(summary(job, code, seconds, written), file=out, flush=True)
     return code
