@@ -229,7 +229,7 @@ def test_emulated_bad_hyperparameter_exits_2_with_output_archive_and_no_model(s3
     assert "epochs" in reason and "many" in reason, reason
     assert "local job sm-effdet-local-bad: Failed (train exited 2)" in log
     assert f"failure reason: {reason.strip().splitlines()[0]}" in log
-    assert "model:  (none: the job failed)" in log
+    assert "model:  (none: the job did not complete)" in log
 
 
 # --- signals, file:// channels and output ------------------------------------------------------

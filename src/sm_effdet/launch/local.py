@@ -619,7 +619,7 @@ def summary(job: LocalJob, code: int, seconds: float, written: Mapping[str, str]
     report = job.tree / "output" / "data" / "report" / "index.html"
     if report.exists():
         lines.append(f"report: {report}")
-    lines.append(f"model:  {written.get('model', '(none: the job failed)')}")
+    lines.append(f"model:  {written.get('model', '(none: the job did not complete)')}")
     lines.append(f"output: {written.get('output')}")
     lines.append(f"tree:   {job.tree}")
     return "\n".join(lines)
