@@ -235,7 +235,7 @@ def test_emulated_bad_hyperparameter_exits_2_with_output_archive_and_no_model(s3
 # --- signals, file:// channels and output ------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_is_passed_on_to_train_and_the_stop_reaches_a_file_output_path(tmp_path, signum, code):
     """run_local in its own process with file:// channels and output: a SIGTERM (StopTrainingJob)
     or SIGINT (Ctrl-C) sent to it stops train, paused while reading image headers before any
