@@ -234,3 +234,36 @@ def test_no_credentials_is_one_sentence_and_exit_1(tmp_path):
                           text=True, env=no_aws_env(tmp_path), timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith("sm-effdet: no AWS credentials were found") and done.stderr.count("\n") == 1
+
+
+def test_augmented_manifests_are_pipe_channels_the_job_can_cache(tmp_path):
+    """--augmented-manifest: the channel shape the built-in algorithm takes (and formats/pipe.py
+    caches), checked against botocore's model; local paths and a wrong attribute order refused."""
+    manifest = "s3://bkt/labels/output.manifest"
+    args = [sys.executable, str(SM_EFFDET), "train", "--dry-run", "--data", manifest,
+            "--validation", "s3://bkt/labels/validation.manifest", "--role", ROLE,
+            "--bucket", "bkt", "--name", "pipe-1"]
+    done = subprocess.run(args + ["--augmented-manifest", "source-ref,boxes,boxes-metadata"],
+                          capture_output=True, text=True, env=no_aws_env(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stderr
+    params = json.loads(done.stdout)
+    check_request("CreateTrainingJob", params)
+    training, validation = params["InputDataConfig"]
+    for entry in (training, validation):
+        assert entry["InputMode"] == "Pipe" and entry["RecordWrapperType"] == "RecordIO"
+        source = entry["DataSource"]["S3DataSource"]
+        assert source["S3DataType"] == "AugmentedManifestFile"
+        assert source["AttributeNames"] == ["source-ref", "boxes", "boxes-metadata"]
+    assert training["DataSource"]["S3DataSource"]["S3Uri"] == manifest
+    assert params["HyperParameters"]["label_attribute"] == "boxes"
+
+    for extra, words in (
+        (["--augmented-manifest", "boxes,source-ref"], "must list source-ref first"),
+        (["--augmented-manifest", "source-ref,boxes", "--validation", str(tmp_path)],
+         "--validation must be the s3:// URI of the manifest"),
+    ):
+        done = subprocess.run(args + extra, capture_output=True, text=True,
+                              env=no_aws_env(tmp_path), timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert words in done.stderr and done.stdout == ""
+        assert len(done.stderr.strip().splitlines()) == 1

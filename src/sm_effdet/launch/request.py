@@ -35,6 +35,8 @@ CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 TENSORBOARD_LOCAL_PATH = "/opt/ml/output/tensorboard"
 INPUT_MODES = ("FastFile", "File", "Pipe")
 CHANNELS = ("training", "validation", "pretrained", "model")
+# The channels whose data can be an augmented manifest streamed in Pipe mode.
+MANIFEST_CHANNELS = ("training", "validation")
 ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}):role/[\w+=,.@/-]+")
 ECR_URI = re.compile(
     r"(\d{12})\.dkr\.ecr(-fips)?\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+(:[\w.-]{1,128}|@sha256:[0-9a-f]{64})"
@@ -63,6 +65,11 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       help="an earlier model for the 'model' channel (warm start)")
     data.add_argument("--input-mode", choices=INPUT_MODES, default="FastFile",
                       help="how SageMaker gives the job its data (default FastFile)")
+    data.add_argument("--augmented-manifest", metavar="ATTRIBUTES",
+                      help="--data (and --validation) are s3:// Ground Truth augmented manifests "
+                      "streamed in Pipe mode, as the built-in algorithm takes them: their "
+                      "AttributeNames, comma-separated, source-ref first (e.g. "
+                      "source-ref,bounding-box,bounding-box-metadata)")
 
     aws = parser.add_argument_group("where it runs")
     aws.add_argument("--role", help="the SageMaker execution role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
@@ -218,13 +225,15 @@ def dataset_name(folder: Path) -> str:
     return re.sub(r"[^a-zA-Z0-9._-]+", "-", folder.resolve().name).strip("-") or "data"
 
 
-def channel(name: str, uri: str) -> dict[str, Any]:
-    return {
-        "ChannelName": name,
-        "DataSource": {"S3DataSource": {
-            "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated",
-        }},
-    }
+def channel(name: str, uri: str, attribute_names: list[str] | None = None) -> dict[str, Any]:
+    source = {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
+    entry: dict[str, Any] = {"ChannelName": name, "DataSource": {"S3DataSource": source}}
+    if attribute_names:
+        # SageMaker streams an augmented manifest only in Pipe mode, one RecordIO record per
+        # attribute; the job caches epoch 0's stream to disk (formats/pipe.py).
+        source.update(S3DataType="AugmentedManifestFile", AttributeNames=list(attribute_names))
+        entry.update(InputMode="Pipe", RecordWrapperType="RecordIO")
+    return entry
 
 
 # ---------------------------------------------------------------- the request
@@ -252,8 +261,11 @@ def build_training_request(
     security_groups: list[str] | None = None,
     environment: dict[str, str] | None = None,
     tags: dict[str, str] | None = None,
+    augmented_manifest: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The CreateTrainingJob request, not yet checked (`check_request` does that)."""
+    """The CreateTrainingJob request, not yet checked (`check_request` does that).
+    `augmented_manifest`: the AttributeNames of the training and validation channels, which are
+    then augmented manifests streamed in Pipe mode."""
     stopping: dict[str, int] = {"MaxRuntimeInSeconds": max_run}
     request: dict[str, Any] = {
         "TrainingJobName": name,
@@ -265,7 +277,10 @@ def build_training_request(
             "EnableSageMakerMetricsTimeSeries": True,
         },
         "HyperParameters": hyperparameters,
-        "InputDataConfig": [channel(c, channels[c]) for c in CHANNELS if c in channels],
+        "InputDataConfig": [
+            channel(c, channels[c], augmented_manifest if c in MANIFEST_CHANNELS else None)
+            for c in CHANNELS if c in channels
+        ],
         "OutputDataConfig": {"S3OutputPath": output_path},
         "ResourceConfig": {
             "InstanceType": instance_type,
@@ -312,8 +327,41 @@ def check_job_choices(args: argparse.Namespace, hyperparameters: dict[str, str])
                 "from; pass --pretrained with a folder or s3:// URI holding them, or set "
                 "pretrained=false to train from scratch."
             )
+    if args.augmented_manifest:
+        check_augmented_manifest(args, hyperparameters)
     if (args.subnet and not args.security_group) or (args.security_group and not args.subnet):
         raise UserInputError("a VPC needs both --subnet and --security-group; give both or neither.")
+
+
+def attribute_names(text: str | None) -> list[str] | None:
+    return [a.strip() for a in text.split(",") if a.strip()] if text else None
+
+
+def check_augmented_manifest(args: argparse.Namespace, hyperparameters: dict[str, str]) -> None:
+    """Augmented manifests are S3 objects streamed by SageMaker: nothing local to upload or
+    read, and the job needs the image first, then its label (formats/pipe.py)."""
+    names = attribute_names(args.augmented_manifest)
+    if not names or names[0] != "source-ref" or len(names) < 2:
+        raise UserInputError(
+            f"--augmented-manifest '{shorten(args.augmented_manifest)}' must list source-ref "
+            "first, then the label attribute (and its -metadata), comma-separated, e.g. "
+            "source-ref,bounding-box,bounding-box-metadata."
+        )
+    for flag, value in (("--data", args.data), ("--validation", args.validation)):
+        if value and not is_s3(value):
+            raise UserInputError(
+                f"with --augmented-manifest, {flag} must be the s3:// URI of the manifest (SageMaker "
+                f"streams it in Pipe mode), not the local path '{shorten(value)}'; upload the "
+                "manifest and its images, or use the manifest as a File-mode channel instead."
+            )
+    if getattr(args, "local", False):
+        raise UserInputError(
+            "--local cannot stream an augmented manifest in Pipe mode; run on SageMaker, or give "
+            "--local a folder holding the manifest and its images (File mode)."
+        )
+    # The job finds the label attribute by itself; naming it keeps a stream that carries
+    # several (an adjustment job's) unambiguous.
+    hyperparameters.setdefault("label_attribute", names[1])
 
 
 def check_instance_type(instance_type: str) -> None:
@@ -424,7 +472,7 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
         volume_size=args.volume_size, input_mode=args.input_mode, spot=args.spot,
         max_run=args.max_run, max_wait=args.max_wait, network_isolation=args.network_isolation,
         subnets=args.subnet, security_groups=args.security_group, environment=dict(args.env),
-        tags=dict(args.tag),
+        tags=dict(args.tag), augmented_manifest=attribute_names(args.augmented_manifest),
     )
     check_request("CreateTrainingJob", _as_s3(request) if local else request)
     # The data last of the local checks: reading a large annotation file takes the longest.
