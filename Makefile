@@ -36,7 +36,8 @@ DEPLOY_NAME ?= $(IMAGE)-$(TAG)-$(shell date -u +%Y%m%d-%H%M%S)
 # Extra container environment for serve, e.g. SERVE_ENV='"SERVE_SCORE_THRESHOLD":"0.5"'
 SERVE_ENV ?=
 
-.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy
+.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy \
+	gpu-wheels gpu-check
 
 help: ## List the targets
 	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
@@ -60,6 +61,12 @@ bench: install ## Print speed figures against same-run baselines (not a test; se
 
 bench-quality: install ## Print model quality on ../shared/data/raccoon (about 2 hours on 2 CPUs; not a test)
 	$(UV) run --frozen python benchmarks/bench_quality.py $(BENCH_QUALITY_ARGS)
+
+gpu-wheels: ## Download here the wheels a GPU device machine lacks for train and serve, into .whl (see README, Performance)
+	bash scripts/gpu_wheels.sh
+
+gpu-check: ## On a GPU device machine: install .whl beside its torch, write gpu_check.json under OUT (GPU_CHECK_ARGS=--cpu: tiny, here)
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 build: ## Build the image IMAGE:TAG (and IMAGE:latest) for linux/amd64
 	$(DOCKER) build --platform $(PLATFORM) \
