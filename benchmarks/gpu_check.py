@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -164,8 +165,10 @@ class MemorySampler:
     before it started), or on CPU the child's resident set."""
 
     def __init__(self, device: str, pid: int) -> None:
-        self.device, self.pid, self.peak_mb = device, pid, 0.0
-        self.baseline_mb = self._read() if device == "cuda" else 0.0
+        self.device, self.pid, self.peak_mb, self.baseline_mb = device, pid, 0.0, 0.0
+        if device == "cuda":
+            with contextlib.suppress(Exception):  # no nvidia-smi: the peak stays 0, not a failure
+                self.baseline_mb = self._read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -173,7 +176,7 @@ class MemorySampler:
     def _read(self) -> float:
         if self.device == "cuda":
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10)
+                                 check=False, capture_output=True, text=True, timeout=10)
             return float(out.stdout.split()[0])
         status = Path(f"/proc/{self.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
@@ -309,8 +312,11 @@ def largest_batch(check: Check, backbone: str) -> dict:
             tried.append({"batch": batch, "fits": False})
             break
         finally:
-            step = None  # noqa: F841  (frees the model and its activations before the next size)
+            step = None  # frees the model and its activations before the next size
         batch *= 2
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the ./train runs after this one need the memory back
     return {"largest_batch": fits, "search_capped": bool(tried) and tried[-1]["fits"], "tried": tried}
 
 
@@ -336,10 +342,29 @@ def part_train(check: Check) -> dict:
     return out
 
 
+def job_loop(step, loader, steps: int, batch_size: int, device: str) -> float:
+    """Images/s of the step fed by the loader (host to device copies included), once its
+    workers have started."""
+
+    def batches():
+        while True:
+            yield from loader
+
+    source = batches()
+
+    def job_step() -> None:
+        batch = next(source)
+        images = batch["images"].to(device, non_blocking=True)
+        targets = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list) else v
+                   for k, v in batch["targets"].items()}
+        step(images, targets)
+
+    job_step()
+    return timed_steps(job_step, steps, batch_size, device)
+
+
 def part_loader(check: Check) -> dict:
     """The job loop (loader + step) against the model-only loop, both with the same step."""
-    import torch
-
     from sm_effdet.data import DetectionDataset, make_loader
     from sm_effdet.formats import coco
     from sm_effdet.transforms import train_transform
@@ -358,25 +383,10 @@ def part_loader(check: Check) -> dict:
             loader = make_loader(DetectionDataset(records, train_transform(sizes.img_size, augment=True),
                                                   sizes.img_size),
                                  sizes.loop_batch, workers, shuffle=True, pin_memory=device == "cuda")
-
-            def batches():
-                while True:
-                    yield from loader
-
-            source = batches()
-
-            def job_step() -> None:
-                batch = next(source)
-                images = batch["images"].to(device, non_blocking=True)
-                targets = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list) else v
-                           for k, v in batch["targets"].items()}
-                step(images, targets)
-
-            job_step()  # workers started
-            rate = timed_steps(job_step, sizes.loop_steps, sizes.loop_batch, device)
+            rate = job_loop(step, loader, sizes.loop_steps, sizes.loop_batch, device)
             out[name] = {"cores": cores, "num_workers": workers, "job_loop_images_per_second": rate,
                          "job_over_model_only": round(rate / out["model_only_images_per_second"], 3)}
-            del source, loader
+            del loader  # its persistent workers end before the next setting starts its own
         finally:
             os.sched_setaffinity(0, every_core)
     return out
@@ -455,7 +465,7 @@ def part_serve(check: Check) -> dict:
         plain(images[i % len(images)])
         latencies.append(time.perf_counter() - t)
     out["plain_loop"] = figures(latencies, time.perf_counter() - started)
-    del predictor
+    predictor = None  # the server gets the GPU's memory
     if check.sizes.device == "cuda":
         torch.cuda.empty_cache()
 
@@ -478,7 +488,7 @@ def part_serve(check: Check) -> dict:
                 return time.perf_counter() - t
 
             for concurrency in (1, 8):
-                def client(c: int) -> list[float]:
+                def client(c: int, concurrency: int = concurrency) -> list[float]:
                     session = requests.Session()
                     return [post(session, c + k * concurrency) for k in range(n // concurrency)]
 
@@ -542,7 +552,7 @@ def machine(device: str) -> dict:
     import torch
 
     gpu = device == "cuda" and torch.cuda.is_available()
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "mode": "gpu" if device == "cuda" else "cpu",
             "gpu": torch.cuda.get_device_name() if gpu else None,
             "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else None,
@@ -552,7 +562,11 @@ def machine(device: str) -> dict:
 
 
 def _git_revision() -> str | None:
-    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    try:  # the device machine gets the working tree, maybe without git or .git
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             check=False, capture_output=True, text=True)
+    except OSError:
+        return None
     return out.stdout.strip() or None
 
 
