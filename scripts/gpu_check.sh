@@ -39,8 +39,9 @@ if [ "$wheels" = 1 ]; then
     started=$EPOCHREALTIME
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$WHEEL_DIR"/*.whl
-    echo "gpu-check: $(ls "$WHEEL_DIR"/*.whl | wc -l) wheels installed beside $("$PYTHON" -c \
-        'import torch; print("torch", torch.__version__)') in $("$PYTHON" -c "print(round($EPOCHREALTIME - $started, 1))") s"
+    seconds=$("$PYTHON" -c "print(round($EPOCHREALTIME - $started, 1))")
+    torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)')
+    echo "gpu-check: $(ls "$WHEEL_DIR"/*.whl | wc -l) wheels installed in $seconds s beside torch $torch_version"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

@@ -17,16 +17,22 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 PARTS = ("train", "loader", "model_loop", "serve", "fp16", "sigterm")
 
 
+# The check takes 3 to 4 minutes on an idle 2-core machine; the budget leaves room for a loaded
+# one, so that only a broken part fails the test, not a slow machine.
+BUDGET_S = 1100
+
+
 @pytest.fixture(scope="module")
 def cpu_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check-out")
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": str(BUDGET_S)}
     run = subprocess.run(["bash", str(SCRIPT), "--cpu"], env=env, check=False,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=BUDGET_S + 120)
     result = json.loads((out / "gpu_check.json").read_text())
     return run, result
 
 
+@pytest.mark.timeout(BUDGET_S + 180)  # the first test to use the fixture waits for the check
 def test_every_part_runs_and_the_script_exits_0(cpu_check):
     run, result = cpu_check
     failed = {name: result[name]["error"] for name in PARTS if "error" in result[name]}
@@ -57,7 +63,7 @@ def test_loader_and_model_loop_figures(cpu_check):
         assert loader[name]["num_workers"] >= 1 and loader[name]["job_loop_images_per_second"] > 0
         assert loader[name]["job_over_model_only"] > 0
     loop = result["model_loop"]
-    assert loop["compile_backend"] == "aot_eager"
+    assert loop["compile_backend"] == "eager"
     for name in ("eager", "channels_last", "compile"):
         assert loop[name]["images_per_second"] > 0, loop[name]
 
