@@ -61,6 +61,7 @@ class Sizes:
     backbones: dict[str, int]  # backbone -> batch size of its ./train run
     epochs: dict[str, int]
     batch_search: dict[str, tuple[int, int]]  # backbone -> (first batch, largest tried)
+    search_seconds: float  # per backbone, so that the parts after it keep their time
     loop_batch: int
     loop_steps: int
     workers: list[tuple[str, int, int]]  # (name, cores, loader workers)
@@ -68,6 +69,7 @@ class Sizes:
     serve_requests: int
     half_precision: str
     sigterm_batch: int
+    sigterm_epochs: int  # 2 on the GPU: a stop after a fast first epoch still lands in one
     deadline_s: float
 
 
@@ -76,11 +78,11 @@ def gpu_sizes(deadline_s: float) -> Sizes:
     return Sizes(
         device="cuda", img_size=512, images=768, image_size=(640, 480),
         backbones={"tf_lite0": 32, "tf_d2": 16}, epochs={"tf_lite0": 3, "tf_d2": 2},
-        batch_search={"tf_lite0": (32, 1024), "tf_d2": (16, 512)},
+        batch_search={"tf_lite0": (32, 1024), "tf_d2": (16, 512)}, search_seconds=45,
         loop_batch=32, loop_steps=30,
         workers=[("all_cores", cores, cores), ("4_cores", min(4, cores), 3)],
         compile_backend="inductor", serve_requests=400, half_precision="16-mixed",
-        sigterm_batch=8, deadline_s=deadline_s,
+        sigterm_batch=8, sigterm_epochs=2, deadline_s=deadline_s,
     )
 
 
@@ -89,11 +91,11 @@ def cpu_sizes(deadline_s: float) -> Sizes:
     return Sizes(
         device="cpu", img_size=256, images=24, image_size=(320, 240),
         backbones={"tf_lite0": 4, "tf_d0": 4}, epochs={"tf_lite0": 1, "tf_d0": 1},
-        batch_search={"tf_lite0": (1, 2), "tf_d0": (1, 2)},
+        batch_search={"tf_lite0": (1, 2), "tf_d0": (1, 2)}, search_seconds=600,
         loop_batch=2, loop_steps=2,
         workers=[("all_cores", cores, cores), ("4_cores", min(4, cores), min(3, cores))],
         compile_backend="eager", serve_requests=8, half_precision="bf16-mixed",
-        sigterm_batch=2, deadline_s=deadline_s,
+        sigterm_batch=2, sigterm_epochs=1, deadline_s=deadline_s,
     )
 
 
@@ -291,13 +293,14 @@ def timed_steps(step, steps: int, batch: int, device: str) -> float:
 
 
 def largest_batch(check: Check, backbone: str) -> dict:
-    """Double the batch until the training step runs out of GPU memory (or the cap)."""
+    """Double the batch until the training step runs out of GPU memory (or the cap, or the
+    search's time)."""
     import torch
 
     device = check.sizes.device
     batch, cap = check.sizes.batch_search[backbone]
-    tried, fits = [], None
-    while batch <= cap and check.seconds_left() > 60:
+    tried, fits, started = [], None, time.monotonic()
+    while batch <= cap and time.monotonic() - started < check.sizes.search_seconds and check.seconds_left() > 60:
         try:
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -366,6 +369,8 @@ def job_loop(step, loader, steps: int, batch_size: int, device: str) -> float:
 
 def part_loader(check: Check) -> dict:
     """The job loop (loader + step) against the model-only loop, both with the same step."""
+    import torch
+
     from sm_effdet.data import DetectionDataset, make_loader
     from sm_effdet.formats import coco
     from sm_effdet.transforms import train_transform
@@ -377,9 +382,10 @@ def part_loader(check: Check) -> dict:
     step()
     out = {"backbone": "tf_lite0", "batch_size": sizes.loop_batch, "precision": precision}
     out["model_only_images_per_second"] = timed_steps(step, sizes.loop_steps, sizes.loop_batch, device)
-    every_core = os.sched_getaffinity(0)
+    every_core, threads = os.sched_getaffinity(0), torch.get_num_threads()
     for name, cores, workers in sizes.workers:
         os.sched_setaffinity(0, sorted(every_core)[:cores])  # the loader's workers inherit it
+        torch.set_num_threads(min(cores, threads))
         try:
             loader = make_loader(DetectionDataset(records, train_transform(sizes.img_size, augment=True),
                                                   sizes.img_size),
@@ -390,6 +396,7 @@ def part_loader(check: Check) -> dict:
             del loader  # its persistent workers end before the next setting starts its own
         finally:
             os.sched_setaffinity(0, every_core)
+            torch.set_num_threads(threads)
     return out
 
 
@@ -527,7 +534,7 @@ def part_sigterm(check: Check) -> dict:
     from sm_effdet.checkpoints import list_checkpoints
 
     base = job_tree(check, "sigterm", {"backbone": "tf_lite0", "batch_size": str(check.sizes.sigterm_batch),
-                                       "epochs": "1"})
+                                       "epochs": str(check.sizes.sigterm_epochs)})
     stopped = run_train(check, base, stop_after_first_step_s=1.0)
     failure = base / "output" / "failure"
     reason = failure.read_text() if failure.is_file() else ""
@@ -540,7 +547,7 @@ def part_sigterm(check: Check) -> dict:
     expect("resuming from checkpoint" in resumed["log_tail"] or "resuming from checkpoint"
            in (check.work / "sigterm.log").read_text(), "the second run did not resume", resumed)
     return {"exit_code": stopped["exit_code"], "failure": reason.strip()[:300], "checkpoints": checkpoints,
-            "stopped_mid_epoch": "in epoch 1" in reason and not stopped["epochs"],
+            "stopped_mid_epoch": bool(re.match(r"training was stopped by SIGTERM in epoch \d+ at step", reason)),
             "resumed_exit_code": resumed["exit_code"],
             "model_after_resume": (base / "model" / "model.safetensors").is_file()}
 
