@@ -40,18 +40,22 @@ for name in "${PACKAGES[@]}"; do
     pins+=("${line%% *}")
 done
 
-rm -rf "$WHEEL_DIR"
-mkdir -p "$WHEEL_DIR"
+# Into a staging folder, renamed when complete: a failed download never leaves half a set.
+staging="$WHEEL_DIR.partial"
+rm -rf "$staging"
+mkdir -p "$staging"
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --abi cp312 --abi abi3 --abi none \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
-    -d "$WHEEL_DIR" "${pins[@]}"
+    -d "$staging" "${pins[@]}"
+rm -rf "$WHEEL_DIR"
+mv "$staging" "$WHEEL_DIR"
 
-size_mb=$(du -sm "$WHEEL_DIR" | cut -f1)
-echo "gpu-wheels: $(ls "$WHEEL_DIR" | wc -l) wheels, ${size_mb} MiB in $WHEEL_DIR"
-if [ "$size_mb" -gt "$LIMIT_MB" ]; then
-    echo "gpu-wheels: $WHEEL_DIR is ${size_mb} MiB, over ${LIMIT_MB} MiB: the working tree travels beside it within 64 MiB." >&2
+size_kb=$(du -sk "$WHEEL_DIR" | cut -f1)
+echo "gpu-wheels: $(ls "$WHEEL_DIR" | wc -l) wheels, $((size_kb / 1024)).$((size_kb % 1024 * 10 / 1024)) MiB in $WHEEL_DIR"
+if [ "$size_kb" -gt $((LIMIT_MB * 1024)) ]; then
+    echo "gpu-wheels: $WHEEL_DIR is over ${LIMIT_MB} MiB: the working tree travels beside it within 64 MiB; drop a wheel the device image already has." >&2
     exit 1
 fi
