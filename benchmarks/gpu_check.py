@@ -329,14 +329,15 @@ def largest_batch(check: Check, backbone: str) -> dict:
 
 def part_train(check: Check) -> dict:
     out = {}
-    for backbone, batch in check.sizes.backbones.items():
+    # Keys by role, not name, so that --cpu (tf_d0) writes the GPU run's (tf_d2) keys.
+    for key, (backbone, batch) in zip(("tf_lite0", "larger"), check.sizes.backbones.items()):
         base = job_tree(check, f"train-{backbone}", {"backbone": backbone, "batch_size": str(batch),
                                                      "epochs": str(check.sizes.epochs[backbone])})
         run = run_train(check, base)
         expect(run["exit_code"] == 0, f"./train {backbone} exited {run['exit_code']}", run)
         images = run["train_images"]
-        out[backbone] = {
-            "batch_size": batch, "precision": run["precision"], "accelerator": run["accelerator"],
+        out[key] = {
+            "backbone": backbone, "batch_size": batch, "precision": run["precision"], "accelerator": run["accelerator"],
             "images_per_second_per_epoch": [round(images / float(e["epoch_time"]), 2) for e in run["epochs"]],
             "train_images": images, "peak_memory_mb": run["peak_memory_mb"],
             "memory_measure": "nvidia-smi memory.used" if check.sizes.device == "cuda" else "train RSS",

@@ -17,9 +17,9 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 PARTS = ("train", "loader", "model_loop", "serve", "fp16", "sigterm")
 
 
-# On the shared 2-core machine at a load average of 10 to 14 the check took 12 minutes (4.5 min
-# of CPU time): the budget is for such a machine, so that a broken part fails the test, not a
-# slow machine.
+# On the shared 2-core machine this file took 6.6 minutes at a load average of about 5 and the
+# check alone 12 minutes at 10 to 14: the budget is for such a machine, so that a broken part
+# fails the test, not a slow machine.
 BUDGET_S = 1100
 
 
@@ -45,9 +45,10 @@ def test_every_part_runs_and_the_script_exits_0(cpu_check):
 
 def test_train_figures_for_both_backbones(cpu_check):
     _, result = cpu_check
-    assert set(result["train"]) - {"seconds"} == {"tf_lite0", "tf_d0"}
-    for backbone in ("tf_lite0", "tf_d0"):
-        figures = result["train"][backbone]
+    assert set(result["train"]) - {"seconds"} == {"tf_lite0", "larger"}
+    for key, backbone in (("tf_lite0", "tf_lite0"), ("larger", "tf_d0")):
+        figures = result["train"][key]
+        assert figures["backbone"] == backbone
         assert figures["accelerator"] == "cpu" and figures["precision"] == "32"  # auto on CPU
         assert figures["images_per_second_per_epoch"] and all(r > 0 for r in figures["images_per_second_per_epoch"])
         assert figures["first_step_seconds"] > 0 and figures["peak_memory_mb"] > 0
