@@ -17,7 +17,7 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 PARTS = ("train", "loader", "model_loop", "serve", "fp16", "sigterm")
 
 
-# On the shared 2-core machine this file took 6.6 minutes at a load average of about 5 and the
+# On the shared 2-core machine this file took 6 minutes at a load average of 3 to 5 and the
 # check alone 12 minutes at 10 to 14: the budget is for such a machine, so that a broken part
 # fails the test, not a slow machine.
 BUDGET_S = 1100
