@@ -47,7 +47,8 @@ SERVE_ENV ?=
 SAMPLE ?=
 serve_env_words = $(if $(findstring ":",$(SERVE_ENV)),$(subst ",,$(subst ":",=,$(subst "$(comma)", ,$(SERVE_ENV)))),$(SERVE_ENV))
 
-.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy train-job logs
+.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy \
+	train-job logs gpu-wheels gpu-check
 
 help: ## List the targets
 	@echo "Targets (override variables on the command line, e.g. make build TAG=v1):"
@@ -71,6 +72,12 @@ bench: install ## Print speed figures against same-run baselines (not a test; se
 
 bench-quality: install ## Print model quality on ../shared/data/raccoon (about 2 hours on 2 CPUs; not a test)
 	$(UV) run --frozen python benchmarks/bench_quality.py $(BENCH_QUALITY_ARGS)
+
+gpu-wheels: ## Download here the wheels a GPU device machine lacks for train and serve, into .whl (see README, Performance)
+	bash scripts/gpu_wheels.sh
+
+gpu-check: ## On a GPU device machine: install .whl beside its torch, write gpu_check.json under OUT (GPU_CHECK_ARGS=--cpu: tiny, here)
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 build: ## Build the image IMAGE:TAG (and IMAGE:latest) for linux/amd64
 	$(DOCKER) build --platform $(PLATFORM) \
