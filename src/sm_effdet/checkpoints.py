@@ -103,7 +103,8 @@ class CheckpointScan:
 
 
 def scan_checkpoints(folder: Path, expected: dict[str, Any]) -> CheckpointScan:
-    """The newest readable checkpoint that fits this job; an unfit one is refused, not loaded."""
+    """The newest readable checkpoint that fits this job (an unfit one is refused, not loaded),
+    and the files that cannot be read, which retention leaves alone."""
     scan = CheckpointScan()
     found = list_checkpoints(folder)
     for index, path in enumerate(found):
@@ -217,6 +218,7 @@ class ResumableCheckpoints(L.Callback):
         self.unreadable = [p for p in self.unreadable if p != written]  # replaced by ours
         delete = self.readable[:-KEEP] + self.superseded
         self.readable, self.superseded = self.readable[-KEEP:], []
+        delete = [p for p in delete if p not in self.readable]  # a name written again is kept
         for old in delete:
             old.unlink(missing_ok=True)
         if delete:

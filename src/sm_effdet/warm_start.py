@@ -44,7 +44,8 @@ def read_previous_model(channel: Path) -> tuple[dict[str, Any], dict[str, torch.
     """model.json and the weights from the `model` channel (a model/ folder or model.tar.gz)."""
     card_path = _find_one(channel, MODEL_JSON)
     if card_path is not None:
-        return _read_model_folder(card_path.parent), card_path.parent
+        card, state = _read_model_folder(card_path.parent)
+        return card, state, card_path.parent
     archive = _find_one(channel, MODEL_ARCHIVE)
     if archive is None:
         raise UserInputError(
