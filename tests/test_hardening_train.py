@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import torch
 from conftest import FAST, TRAIN, failure_text, model_files, run_train, train_env, write_tree
 from PIL import Image
@@ -86,7 +85,7 @@ def first_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 # --- 6: a JPEG that lost most of its rows is skipped by the job, refused by the server ------
 
 def test_jpegs_cut_short_without_a_decode_error_are_skipped_by_the_job(first_job):
-    base, result = first_job
+    base, _ = first_job
     report = json.loads((base / "output" / "data" / "data_report.json").read_text())
     skipped = report["examples"]["image_skipped_at_load"]
     assert report["counts"]["image_skipped_at_load"] == 2, skipped
