@@ -15,6 +15,7 @@ import logging
 import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,26 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def find_resumable(folder: Path, expected: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint that fits this job; an unfit one is refused, not loaded."""
-    for path in list_checkpoints(folder):
+@dataclass
+class CheckpointScan:
+    """What the checkpoint folder held at start: the checkpoint to resume (if any), the files
+    that could not be read, and the older ones never opened (superseded by the resumed one)."""
+
+    resume: tuple[Path, dict[str, Any]] | None = None
+    unreadable: list[Path] = field(default_factory=list)
+    older: list[Path] = field(default_factory=list)
+
+    @property
+    def resumed_from(self) -> Path | None:
+        return self.resume[0] if self.resume else None
+
+
+def scan_checkpoints(folder: Path, expected: dict[str, Any]) -> CheckpointScan:
+    """The newest readable checkpoint that fits this job (an unfit one is refused, not loaded),
+    and the files that cannot be read, which retention leaves alone."""
+    scan = CheckpointScan()
+    found = list_checkpoints(folder)
+    for index, path in enumerate(found):
         stops.pause_for_test("checkpoint-load")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,7 +115,8 @@ def find_resumable(folder: Path, expected: dict[str, Any]) -> tuple[Path, dict[s
             epoch, step = checkpoint["epoch"], checkpoint["global_step"]
         except Exception as exc:
             log.warning("checkpoint %s cannot be read (%s: %s); trying an older one",
-                        path.name, type(exc).__name__, str(exc)[:120])
+                        path.name, type(exc).__name__, " ".join(str(exc).split())[:120])
+            scan.unreadable.append(path)
             continue
         for key in FIT_KEYS:
             if meta.get(key) != expected[key]:
@@ -107,8 +126,22 @@ def find_resumable(folder: Path, expected: dict[str, Any]) -> tuple[Path, dict[s
                     "job another CheckpointConfig S3 location, or use the same settings."
                 )
         check_hyperparameters(path, meta.get("hyperparameters"), expected.get("hyperparameters"))
-        return path, {"epoch": epoch, "step": step, **meta}
-    return None
+        scan.resume = path, {"epoch": epoch, "step": step, **meta}
+        scan.older = found[index + 1 :]
+        break
+    if scan.unreadable:
+        log.warning("%d checkpoint files cannot be read and are left alone (neither resumed nor "
+                    "deleted): %s", len(scan.unreadable), _names(scan.unreadable))
+    return scan
+
+
+def find_resumable(folder: Path, expected: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    return scan_checkpoints(folder, expected).resume
+
+
+def _names(paths: list[Path], limit: int = 10) -> str:
+    shown = ", ".join(p.name for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def check_hyperparameters(path: Path, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
@@ -138,13 +171,29 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 class ResumableCheckpoints(L.Callback):
-    def __init__(self, folder: Path, host: str, every_minutes: float, meta: dict[str, Any]) -> None:
+    """Writes this job's checkpoints and keeps the KEEP newest of those it knows it can read.
+
+    Retention goes by what this job wrote (and the checkpoint it resumed from), never by the
+    step numbers in the folder: a file it cannot read (a partial upload, another run's garbage)
+    may carry a higher step, and keeping "the newest" by name would delete the good ones. Files
+    it could not read are left alone; older ones it never opened, superseded by the one it
+    resumed from, are deleted once a newer checkpoint is written.
+    """
+
+    def __init__(
+        self, folder: Path, host: str, every_minutes: float, meta: dict[str, Any],
+        scan: CheckpointScan | None = None,
+    ) -> None:
         self.folder = folder
         self.host = host
         self.every_seconds = every_minutes * 60
         self.meta = meta
         self.last_saved = time.monotonic()
         self.saved_on_stop: Path | None = None
+        scan = scan or CheckpointScan()
+        self.readable: list[Path] = [scan.resumed_from] if scan.resumed_from else []  # oldest first
+        self.superseded = list(scan.older)
+        self.unreadable = list(scan.unreadable)
 
     def save(self, trainer: L.Trainer, why: str) -> Path:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
@@ -156,12 +205,28 @@ class ResumableCheckpoints(L.Callback):
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             atomic_write_bytes(path, buffer.getvalue())
-            for old in list_checkpoints(self.folder)[KEEP:]:
-                old.unlink(missing_ok=True)
             log.info("checkpoint (%s): %s (epoch %d, step %d)", why, path,
                      trainer.current_epoch + 1, trainer.global_step)
+            self.prune(path)
         self.last_saved = time.monotonic()
         return path
+
+    def prune(self, written: Path) -> None:
+        """Keep the KEEP newest checkpoints this job wrote or resumed from; delete its older
+        ones and those it never opened; leave the ones it could not read."""
+        self.readable = [p for p in self.readable if p != written] + [written]
+        self.unreadable = [p for p in self.unreadable if p != written]  # replaced by ours
+        delete = self.readable[:-KEEP] + self.superseded
+        self.readable, self.superseded = self.readable[-KEEP:], []
+        delete = [p for p in delete if p not in self.readable]  # a name written again is kept
+        for old in delete:
+            old.unlink(missing_ok=True)
+        if delete:
+            log.info("checkpoints kept: %s; deleted: %s", _names(self.readable[::-1]), _names(delete))
+        if self.unreadable:  # once: they were named at start too
+            log.info("left alone %d checkpoint files this job cannot read: %s",
+                     len(self.unreadable), _names(self.unreadable))
+            self.unreadable = []
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.every_seconds and time.monotonic() - self.last_saved >= self.every_seconds:

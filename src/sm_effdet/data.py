@@ -27,15 +27,19 @@ def _same_size(size: tuple[int, int], expected: tuple[int, int], reduce: int) ->
     return all(0 <= got * reduce - want < reduce for got, want in zip(size, expected))
 
 
-def _decode(record: ImageRecord, target: int | None) -> tuple[np.ndarray, int]:
-    """The image's pixels, upright as the annotations expect, and the JPEG reduction used."""
+def _decode(record: ImageRecord, target: int | None) -> tuple[np.ndarray, int, bool]:
+    """The image's pixels, upright as the annotations expect, the JPEG reduction used, and
+    whether the file was cut short."""
     expected = (record.width, record.height)
-    with preprocessing.open_image(record.path, MAX_IMAGE_PIXELS) as img:
-        reduce = preprocessing.draft_and_load(img, target)
+
+    def pixels(img: Image.Image, size: tuple[int, int], reduce: int) -> tuple[np.ndarray, int]:
         upright = preprocessing.upright(img)
         if not _same_size(upright.size, expected, reduce) and _same_size(img.size, expected, reduce):
             upright = img
         return preprocessing.to_rgb_array(upright), reduce
+
+    (array, reduce), cut_short = preprocessing.decode_with(record.path, target, MAX_IMAGE_PIXELS, pixels)
+    return array, reduce, cut_short
 
 
 def load_image(record: ImageRecord, target: int | None = None) -> tuple[np.ndarray, float, bool]:
@@ -49,20 +53,11 @@ def load_image(record: ImageRecord, target: int | None = None) -> tuple[np.ndarr
     and height (the annotator saw it upright); when the stored pixels match instead, the
     annotator saw those, and they are used as they are, so that the boxes stay right.
 
-    A JPEG missing its last bytes is decoded as far as it goes when at most
-    preprocessing.MAX_MISSING_ROWS of its rows are lost; one with less left is skipped.
+    A JPEG that lost its last rows (cut short, however the file shows it) is used when at most
+    preprocessing.MAX_MISSING_ROWS of them are lost; one with less left is skipped.
     """
-    truncated = False
     try:
-        try:
-            array, reduce = _decode(record, target)
-        except OSError as exc:
-            if not preprocessing.is_truncation(exc):
-                raise
-            with preprocessing.truncated_images_allowed():
-                array, reduce = _decode(record, target)
-            truncated = True
-            preprocessing.check_cut_short(array)
+        array, reduce, truncated = _decode(record, target)
     except preprocessing.ImageDecodeError as exc:
         raise ImageLoadError(str(exc).replace("the image", record.file_name, 1)) from exc
     except Exception as exc:

@@ -118,7 +118,8 @@ def _require(path: Path, key: str | None, value: Any, kind: type | tuple, expect
 
 
 def read_input_data_config(path: Path) -> dict[str, Any]:
-    config = _require(path, None, read_json_config(path) or {}, dict,
+    # No `or {}`: an empty list (or null) is a file of the wrong shape, not "no channels".
+    config = _require(path, None, read_json_config(path), dict,
                       'a JSON object of channel name: settings ({"training": {...}})')
     for name, settings in config.items():
         settings = _require(path, name, settings, dict, 'a JSON object ({"TrainingInputMode": "File"})')
@@ -142,7 +143,7 @@ def streams_augmented_manifest(settings: dict[str, Any]) -> bool:
 
 def read_resource_config(path: Path) -> tuple[str, tuple[str, ...], str | None]:
     """current_host, hosts and network_interface_name, each checked for its type."""
-    config = _require(path, None, read_json_config(path) or {}, dict,
+    config = _require(path, None, read_json_config(path), dict,
                       'a JSON object ({"current_host": "algo-1", "hosts": ["algo-1"]})')
     current_host = _require(path, "current_host", config.get("current_host", "algo-1"), str,
                             'a host name ("algo-1")')

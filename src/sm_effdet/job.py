@@ -111,14 +111,13 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
     fit_meta = _fit_meta(hp, categories, report, train_records, val_records)
     stops.start_up("looking for a checkpoint to resume")
-    resume_path, train_records, val_records = _resume(
-        checkpoint_dir, fit_meta, train_records, val_records
-    )
+    scan, train_records, val_records = _resume(checkpoint_dir, fit_meta, train_records, val_records)
+    resume_path = scan.resumed_from
     train_loader, val_loader = _loaders(hp, settings, train_records, val_records)
     stops.start_up("building the model")
     start = choose_starting_point(hp.pretrained, env.channel(MODEL_CHANNEL), resume_path is not None)
     module = _model(env, hp, categories, val_records, report, start)
-    run = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records))
+    run = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records), scan)
     log.info(
         "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
         "all), %d epochs, %s precision on %s, %d loader workers per process; best model by %s; "
@@ -194,14 +193,15 @@ def _fit_meta(
 def _resume(
     checkpoint_dir: Path, fit_meta: dict[str, Any], train_records: list[ImageRecord],
     val_records: list[ImageRecord],
-) -> tuple[Path | None, list[ImageRecord], list[ImageRecord]]:
-    """The checkpoint to resume from, if any, and the split to train on (the checkpoint's)."""
-    from .checkpoints import find_resumable
+) -> tuple[Any, list[ImageRecord], list[ImageRecord]]:
+    """What the checkpoint folder holds (the checkpoint to resume from, if any: a
+    checkpoints.CheckpointScan) and the split to train on (the checkpoint's)."""
+    from .checkpoints import scan_checkpoints
 
-    resume = find_resumable(checkpoint_dir, fit_meta)
-    if resume is None:
-        return None, train_records, val_records
-    resume_path, resumed = resume
+    scan = scan_checkpoints(checkpoint_dir, fit_meta)
+    if scan.resume is None:
+        return scan, train_records, val_records
+    resume_path, resumed = scan.resume
     log.info(
         "resuming from checkpoint %s (epoch %d, step %d)",
         resume_path, resumed["epoch"] + 1, resumed["step"],
@@ -214,7 +214,7 @@ def _resume(
             train_records + val_records, resumed["train_ids"], resumed["val_ids"]
         )
         fit_meta.update(train_ids=resumed["train_ids"], val_ids=resumed["val_ids"])
-    return resume_path, train_records, val_records
+    return scan, train_records, val_records
 
 
 def _loaders(
@@ -274,7 +274,7 @@ class TrainingCallbacks:
 
 def _callbacks(
     env: TrainingEnvironment, hp: Hyperparameters, checkpoint_dir: Path, fit_meta: dict[str, Any],
-    has_validation: bool,
+    has_validation: bool, scan: Any = None,
 ) -> TrainingCallbacks:
     """The epoch line, the choice of the best weights, checkpoints, TensorBoard, early stopping."""
     import lightning as L
@@ -288,7 +288,7 @@ def _callbacks(
     summary = EpochSummary(hp.epochs)
     best = BestModel(monitor, summary)
     checkpoints = ResumableCheckpoints(
-        checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta
+        checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta, scan
     )
     # Order matters at epoch end: the epoch line, the choice of the best weights, the best
     # epoch's detections (for the report), then the checkpoint that holds them all.

@@ -17,8 +17,9 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import cv2
 import numpy as np
@@ -40,6 +41,9 @@ MAX_MISSING_ROWS = 0.1
 
 class ImageDecodeError(ValueError):
     pass
+
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- per-backbone statistics
@@ -135,20 +139,63 @@ def is_truncation(exc: BaseException) -> bool:
 
 
 def missing_rows(array: np.ndarray) -> int:
-    """Rows at the bottom that libjpeg filled in because the file ended before them: it decodes
+    """Rows at the bottom that libjpeg filled in because the data ended before them: it decodes
     missing data as flat mid-grey (128 in every channel)."""
+    if not array.shape[0] or not (array[-1] == 128).all():  # the common case, one row read
+        return 0
     grey = (array == 128).reshape(array.shape[0], -1).all(axis=1)
     decoded = np.flatnonzero(~grey)
     return array.shape[0] - (int(decoded[-1]) + 1 if len(decoded) else 0)
 
 
-def check_cut_short(array: np.ndarray) -> None:
-    """Refuse a cut-short image that lost more than MAX_MISSING_ROWS of its rows."""
-    missing = missing_rows(array)
-    if missing > MAX_MISSING_ROWS * array.shape[0]:
-        raise ImageDecodeError(
-            f"the image is cut short: {missing} of its {array.shape[0]} rows are missing"
-        )
+def check_cut_short(img: Image.Image) -> int:
+    """The rows a decoded JPEG lost (0 when whole); refuse one that lost more than
+    MAX_MISSING_ROWS of them.
+
+    Checked after every JPEG decode, not only when Pillow reports a truncation: a file cut short
+    and closed with an end-of-image marker, or whose header claims more rows than its data
+    holds, decodes without an error, the rows the data lacks filled with grey. The rows are
+    read as stored (before EXIF turns them), where the lost ones are at the bottom.
+    """
+    if img.format != "JPEG" or not img.height:
+        return 0
+    if not missing_rows(np.asarray(img.crop((0, img.height - 1, img.width, img.height)))):
+        return 0
+    missing = missing_rows(np.asarray(img))
+    if missing > MAX_MISSING_ROWS * img.height:
+        raise ImageDecodeError(f"the image is cut short: {missing} of its {img.height} rows are missing")
+    return missing
+
+
+def decode_with(
+    source: str | Path | bytes, target: int | None, max_pixels: int,
+    use: Callable[[Image.Image, tuple[int, int], int], T],
+) -> tuple[T, bool]:
+    """Open and decode `source` (draft_and_load), check it for lost rows, and return
+    `use(image, its size before a reduced-scale decode, reduce)` and whether the file was cut
+    short.
+
+    The one decode of training, serving and inference.py, so that all three take and refuse
+    the same files. A JPEG missing its last bytes is decoded as far as it goes (Pillow refuses
+    it by default), then held to the same rule; another format cut short cannot tell how much
+    it lost and is refused.
+    """
+    try:
+        with open_image(source, max_pixels) as img:
+            size = img.size
+            reduce = draft_and_load(img, target)
+            missing = check_cut_short(img)
+            return use(img, size, reduce), missing > 0
+    except OSError as exc:
+        if not is_truncation(exc):
+            raise
+    with truncated_images_allowed(), open_image(source, max_pixels) as img:
+        if img.format != "JPEG":
+            raise ImageDecodeError(f"the image is cut short (a {img.format} file missing its end)")
+        size = img.size
+        reduce = draft_and_load(img, target)
+        check_cut_short(img)
+        return use(img, size, reduce), True
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -181,28 +228,21 @@ def decode_image(
     """
     try:
         if isinstance(source, Image.Image):  # already opened by the caller, who closes it
-            return _decode_opened(source, target)
+            full_size = source.size
+            draft_and_load(source, target)
+            check_cut_short(source)
+            return _upright_rgb(source, full_size)
         if not isinstance(source, (str, Path)):
             source = source if isinstance(source, (bytes, bytearray, memoryview)) else source.read()
-        try:
-            with open_image(source, max_pixels) as img:
-                return _decode_opened(img, target)
-        except OSError as exc:
-            if not is_truncation(exc):
-                raise
-            with truncated_images_allowed(), open_image(source, max_pixels) as img:
-                array, size = _decode_opened(img, target)
-            check_cut_short(array)
-            return array, size
+        return decode_with(source, target, max_pixels, lambda img, size, _: _upright_rgb(img, size))[0]
     except ImageDecodeError:
         raise
     except Exception as exc:
         raise ImageDecodeError(f"the image cannot be decoded ({type(exc).__name__})") from exc
 
 
-def _decode_opened(img: Image.Image, target: int | None) -> tuple[np.ndarray, tuple[int, int]]:
-    full_size = img.size
-    draft_and_load(img, target)
+def _upright_rgb(img: Image.Image, full_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """The pixels turned upright, and the full size (before a reduced-scale decode) turned too."""
     turned = upright(img)
     if turned.size != img.size:
         full_size = full_size[::-1]  # turned by 90 degrees

@@ -502,7 +502,10 @@ def write_report(
         drawings["confusion_matrix"] = lambda: plot_confusion(outcome, names)
     for name, draw in drawings.items():
         try:
-            plots[name] = draw()
+            # Class names are the user's text: a `$` in one must not start TeX math, which
+            # fails to parse (or renders as formulas) and costs the whole plot.
+            with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+                plots[name] = draw()
         except Exception:
             log.exception("report: could not draw %s; the report goes on without it", name)
     if outcome is not None:

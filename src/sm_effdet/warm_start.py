@@ -9,13 +9,16 @@ epochs start anew, which is what tells it apart from resuming a checkpoint.
 from __future__ import annotations
 
 import logging
+import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .artifacts import non_finite_tensors
 from .backbones import BACKBONES
 from .errors import UserInputError
 from .model import WEIGHT_SUFFIXES, read_state_dict
@@ -28,6 +31,9 @@ MODEL_JSON = METADATA_FILE
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_ARCHIVE = "model.tar.gz"
 CLASS_HEAD = "class_net.predict.conv_pw."  # the last conv: num_anchors x num_classes outputs
+COPY_CHUNK = 1 << 20
+# model.json holds settings, classes and per-class numbers: kilobytes, a few MB with 10,000 classes.
+MAX_MODEL_JSON_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,26 +43,41 @@ CLASS_HEAD = "class_net.predict.conv_pw."  # the last conv: num_anchors x num_cl
 def read_previous_model(channel: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
     """model.json and the weights from the `model` channel (a model/ folder or model.tar.gz)."""
     card_path = _find_one(channel, MODEL_JSON)
-    if card_path is None:
-        archive = _find_one(channel, MODEL_ARCHIVE)
-        if archive is None:
+    if card_path is not None:
+        card, state = _read_model_folder(card_path.parent)
+        return card, state, card_path.parent
+    archive = _find_one(channel, MODEL_ARCHIVE)
+    if archive is None:
+        raise UserInputError(
+            f"the '{MODEL_CHANNEL}' channel {channel} holds neither {MODEL_JSON} with "
+            f"{MODEL_WEIGHTS} nor {MODEL_ARCHIVE}; give a previous job's model/ folder or "
+            "its model.tar.gz, or remove the channel."
+        )
+    with tempfile.TemporaryDirectory(prefix="sm-effdet-warm-") as folder:
+        _extract_model(archive, Path(folder))
+        missing = [name for name in (MODEL_JSON, MODEL_WEIGHTS) if not (Path(folder) / name).is_file()]
+        if missing:
             raise UserInputError(
-                f"the '{MODEL_CHANNEL}' channel {channel} holds neither {MODEL_JSON} with "
-                f"{MODEL_WEIGHTS} nor {MODEL_ARCHIVE}; give a previous job's model/ folder or "
-                "its model.tar.gz, or remove the channel."
+                f"{archive} holds no {' and no '.join(missing)}; give the model.tar.gz a previous "
+                "job wrote (it holds both), or its model/ folder."
             )
-        with tempfile.TemporaryDirectory(prefix="sm-effdet-warm-") as folder:
-            _extract_model(archive, Path(folder))
-            card, state, _ = read_previous_model(Path(folder))
-        return card, state, archive
-    weights_path = card_path.parent / MODEL_WEIGHTS
+        try:
+            card, state = _read_model_folder(Path(folder))
+        except UserInputError as exc:
+            # The user knows the archive, not the temporary folder it was unpacked into.
+            raise UserInputError(_in_archive(str(exc), Path(folder), archive)) from None
+    return card, state, archive
+
+
+def _read_model_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    card_path, weights_path = folder / MODEL_JSON, folder / MODEL_WEIGHTS
     if not weights_path.is_file():
         raise UserInputError(
             f"{card_path} has no {MODEL_WEIGHTS} beside it; give the whole model/ folder of the "
-            "previous job."
+            "previous job, or its model.tar.gz."
         )
     try:  # model.json's format has one home: model_card.py
-        card = read_model_card(card_path.parent)
+        card = read_model_card(folder)
     except ModelCardError as exc:
         raise UserInputError(str(exc)) from exc
     try:
@@ -65,9 +86,15 @@ def read_previous_model(channel: Path) -> tuple[dict[str, Any], dict[str, torch.
     except (KeyError, TypeError) as exc:
         raise UserInputError(
             f"{card_path} is not a model.json written by this container ({type(exc).__name__}: "
-            f"{str(exc)[:200]}); give a previous job's model/ folder or its model.tar.gz."
+            f"{one_line(str(exc), 200)}); give a previous job's model/ folder or its model.tar.gz."
         ) from exc
-    return card, read_state_dict(weights_path), card_path.parent
+    return card, read_state_dict(weights_path)
+
+
+def _in_archive(message: str, folder: Path, archive: Path) -> str:
+    for name in (MODEL_JSON, MODEL_WEIGHTS):
+        message = message.replace(str(folder / name), f"{name} in {archive}")
+    return message.replace(str(folder), str(archive))
 
 
 def _find_one(folder: Path, name: str) -> Path | None:
@@ -75,20 +102,37 @@ def _find_one(folder: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
+def one_line(text: str, limit: int) -> str:
+    """`text` on one line (a failure reason is one sentence), at most `limit` characters."""
+    return " ".join(text.split())[:limit]
+
+
 def _extract_model(archive: Path, folder: Path) -> None:
-    """Only model.json and model.safetensors, by their base names: nothing else is written."""
+    """Only model.json and model.safetensors, by their base names: nothing else is written.
+
+    Each is copied to disk a chunk at a time: a model's weights can be gigabytes, and read
+    whole they would be held in memory twice (here and when loaded).
+    """
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar.getmembers():
+            for member in tar:
                 name = Path(member.name).name
-                if member.isfile() and name in (MODEL_JSON, MODEL_WEIGHTS):
-                    source = tar.extractfile(member)
-                    if source is not None:
-                        (folder / name).write_bytes(source.read())
-    except (tarfile.TarError, OSError, EOFError) as exc:
+                if not (member.isfile() and name in (MODEL_JSON, MODEL_WEIGHTS)):
+                    continue
+                if name == MODEL_JSON and member.size > MAX_MODEL_JSON_BYTES:
+                    raise UserInputError(
+                        f"{MODEL_JSON} in {archive} is {member.size} bytes, more than a model.json "
+                        f"of this container holds ({MAX_MODEL_JSON_BYTES}); give the model.tar.gz "
+                        "a previous job wrote."
+                    )
+                source = tar.extractfile(member)
+                if source is not None:
+                    with source, (folder / name).open("wb") as target:
+                        shutil.copyfileobj(source, target, COPY_CHUNK)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise UserInputError(
-            f"cannot read {archive} ({type(exc).__name__}: {str(exc)[:100]}); give the "
-            "model.tar.gz a previous job wrote, or its model/ folder."
+            f"cannot read {archive} ({type(exc).__name__}: {one_line(str(exc), 100)}); give "
+            "the model.tar.gz a previous job wrote, or its model/ folder."
         ) from exc
 
 
@@ -114,6 +158,13 @@ def warm_start(net: torch.nn.Module, channel: Path, backbone: str, classes: list
     head = {k: _class_rows(own[k], state[k], card["classes"], classes)
             for k in own if k.startswith(CLASS_HEAD)}
     net.load_state_dict({**{k: body[k] for k in own if k in body}, **head})
+    bad = non_finite_tensors(net.state_dict())
+    if bad:  # else training would start from NaN and blame learning_rate for diverging
+        raise UserInputError(
+            f"the starting weights in {source} (the '{MODEL_CHANNEL}' channel) hold non-finite "
+            f"values (NaN or infinity, in {len(bad)} tensors such as {bad[0]}); give a model "
+            f"whose weights are finite, or remove the '{MODEL_CHANNEL}' channel."
+        )
     kept = [c for c in classes if c in card["classes"]]
     new = [c for c in classes if c not in card["classes"]]
     dropped = [c for c in card["classes"] if c not in classes]
