@@ -46,6 +46,18 @@ def prepare_data(
     return dataset.categories, dataset.train, dataset.val
 
 
+def trial_checkpoint_dir(env: TrainingEnvironment) -> Path:
+    """Where this job's checkpoints go: a tuning trial gets a folder of its own (named by its
+    training job), because every trial of a tuning job has the same CheckpointConfig and a trial
+    must neither resume nor delete another's checkpoints. SageMaker marks a trial by adding
+    `_tuning_objective_metric` to its hyperparameters and names the job in TRAINING_JOB_NAME."""
+    checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
+    job = os.environ.get("TRAINING_JOB_NAME", "")
+    if "_tuning_objective_metric" in env.hyperparameters and job and "/" not in job:
+        return checkpoint_dir / job
+    return checkpoint_dir
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     import torch
 
@@ -108,7 +120,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
 
     L.seed_everything(hp.seed, workers=True, verbose=False)
     settings = _run_settings(hp, layout)
-    checkpoint_dir = env.checkpoint_dir or env.paths.default_checkpoint_dir
+    checkpoint_dir = trial_checkpoint_dir(env)
     fit_meta = _fit_meta(hp, categories, report, train_records, val_records)
     stops.start_up("looking for a checkpoint to resume")
     scan, train_records, val_records = _resume(checkpoint_dir, fit_meta, train_records, val_records)

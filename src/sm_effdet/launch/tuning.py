@@ -216,8 +216,8 @@ def _trial_checkpoint(training_request: Mapping[str, Any], name: str) -> dict | 
     if job and uri.endswith("/" + job):
         uri = uri[: -len(job) - 1]
     # One definition serves every trial: the tuning job's own folder keeps its trials apart
-    # from other jobs' checkpoints, and SageMaker's trial names (<tuning job>-NNN-xxxxxxxx)
-    # below it are the per-trial folders (see the README's Tuning part for what was verified).
+    # from other jobs' checkpoints, and the job itself checkpoints a trial below its own name
+    # (job.trial_checkpoint_dir), so trials never share checkpoint files.
     return {**checkpoint, "S3Uri": f"{uri}/{name}/"}
 
 
