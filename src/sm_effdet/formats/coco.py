@@ -224,14 +224,18 @@ def safe_join(root: Path, relative: str) -> Path | None:
     return root / normal
 
 
+def require_regular_file(path: Path, what: str, kind: str = "file") -> None:
+    """A FIFO or a device would block the job forever on open: refuse it by its mode first."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserInputError(
+            f"{what} {path} is not a regular file (a pipe, device or folder); replace it with "
+            f"the {kind} itself."
+        )
+
+
 def read_json_file(path: Path, what: str) -> Any:
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            # A FIFO or a device would block the job forever on open.
-            raise UserInputError(
-                f"{what} {path} is not a regular file (a pipe, device or folder); replace it "
-                "with the JSON file itself."
-            )
+        require_regular_file(path, what, "JSON file")
         with open(path, "rb") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:

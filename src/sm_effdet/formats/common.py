@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..errors import UserInputError, shorten
-from .coco import Category, CocoData, DataReport, coco_records
+from .coco import Category, CocoData, DataReport, coco_records, require_regular_file
 
 # The image files the readers look for (by extension, case-insensitive).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -85,11 +85,7 @@ class Boundary:
 
 def read_text(path: Path, what: str) -> str:
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise UserInputError(
-                f"{what} {path} is not a regular file (a pipe, device or folder); replace it "
-                "with the file itself."
-            )
+        require_regular_file(path, what)
         return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserInputError(f"{what} {path} is not UTF-8 text; save it as UTF-8.") from None

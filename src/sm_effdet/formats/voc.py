@@ -22,8 +22,18 @@ from ..errors import UserInputError, shorten
 from ..hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport
 from .common import (
-    Boundary, categories_by_name, find_class_list, image_size, is_image, map_chunks, merge,
-    read_class_list, read_text, records, relative, walk_files,
+    Boundary,
+    categories_by_name,
+    find_class_list,
+    image_size,
+    is_image,
+    map_chunks,
+    merge,
+    read_class_list,
+    read_text,
+    records,
+    relative,
+    walk_files,
 )
 
 NAME = "voc"

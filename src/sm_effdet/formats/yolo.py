@@ -26,8 +26,17 @@ from ..errors import UserInputError, shorten
 from ..hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport, safe_join
 from .common import (
-    Boundary, find_class_list, image_size, is_image, map_chunks, merge, read_class_list,
-    read_text, records, relative, walk_files,
+    Boundary,
+    find_class_list,
+    image_size,
+    is_image,
+    map_chunks,
+    merge,
+    read_class_list,
+    read_text,
+    records,
+    relative,
+    walk_files,
 )
 from .voc import split_by_folder
 

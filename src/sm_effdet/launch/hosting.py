@@ -252,6 +252,24 @@ def _ended(
 # --- Sending an image -------------------------------------------------------------------
 
 
+def _wait_until(
+    args, what: str, describe, status_key: str, done: str, goes_on: str, *, out: TextIO, sleep
+) -> int | None:
+    """Poll until `done`: None then, else the exit code (130 on Ctrl-C, 1 when it ended in
+    another status or the wait ran out, with one sentence on stderr)."""
+    description = _interruptible(
+        goes_on, describe, status_key, done=done, out=out, poll_seconds=args.poll_seconds,
+        timeout_seconds=args.wait_minutes * 60, sleep=sleep,
+    )
+    if description is None:
+        return 130
+    problem = _ended(description, status_key, done, what, args.wait_minutes)
+    if problem:
+        print(f"sm-effdet: {problem}", file=sys.stderr)
+        return 1
+    return None
+
+
 def generated_png(size: int = 256) -> bytes:
     """A grey image with three coloured boxes (PNG, standard library only: the launcher has no
     Pillow), enough for serve to decode and predict on."""
@@ -436,25 +454,14 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
     print(
         f"Waiting for {endpoint} to be InService (at most {args.wait_minutes:g} minutes):", file=out
     )
-    description = _interruptible(
+    failed = _wait_until(
+        args, f"endpoint {endpoint}", lambda: sagemaker.describe_endpoint(EndpointName=endpoint),
+        "EndpointStatus", "InService",
         f"endpoint {endpoint} goes on being created: aws sagemaker describe-endpoint "
-        f"--endpoint-name {endpoint}",
-        lambda: sagemaker.describe_endpoint(EndpointName=endpoint),
-        "EndpointStatus",
-        done="InService",
-        out=out,
-        poll_seconds=args.poll_seconds,
-        timeout_seconds=args.wait_minutes * 60,
-        sleep=sleep,
+        f"--endpoint-name {endpoint}", out=out, sleep=sleep,
     )
-    if description is None:
-        return 130
-    problem = _ended(
-        description, "EndpointStatus", "InService", f"endpoint {endpoint}", args.wait_minutes
-    )
-    if problem:
-        print(f"sm-effdet: {problem}", file=sys.stderr)
-        return 1
+    if failed is not None:
+        return failed
     body, content_type, label = sample_image(args.sample)
     answered = invoke(runtime, endpoint, body, content_type, label, out)
     print(
@@ -521,25 +528,15 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
         )
         return 0
     print(f"Waiting for {name} (at most {args.wait_minutes:g} minutes):", file=out)
-    description = _interruptible(
-        f"transform job {name} goes on: aws sagemaker describe-transform-job "
-        f"--transform-job-name {name}",
+    failed = _wait_until(
+        args, f"transform job {name}",
         lambda: sagemaker.describe_transform_job(TransformJobName=name),
-        "TransformJobStatus",
-        done="Completed",
-        out=out,
-        poll_seconds=args.poll_seconds,
-        timeout_seconds=args.wait_minutes * 60,
-        sleep=sleep,
+        "TransformJobStatus", "Completed",
+        f"transform job {name} goes on: aws sagemaker describe-transform-job "
+        f"--transform-job-name {name}", out=out, sleep=sleep,
     )
-    if description is None:
-        return 130
-    problem = _ended(
-        description, "TransformJobStatus", "Completed", f"transform job {name}", args.wait_minutes
-    )
-    if problem:
-        print(f"sm-effdet: {problem}", file=sys.stderr)
-        return 1
+    if failed is not None:
+        return failed
     out_bucket, out_prefix = split_s3_uri(output)
     results = s3.list_objects_v2(Bucket=out_bucket, Prefix=out_prefix).get("Contents", [])
     print(f"Results: {output} ({len(results)} files, one <input object>.out per input)", file=out)
