@@ -19,7 +19,7 @@ import torch
 from .backbones import BACKBONES
 from .errors import UserInputError
 from .model import WEIGHT_SUFFIXES, read_state_dict
-from .model_card import METADATA_FILE, ModelCardError, read_model_card
+from .model_card import METADATA_FILE, ModelCardError, file_inside, read_model_card
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ def read_previous_model(channel: Path) -> tuple[dict[str, Any], dict[str, torch.
             _extract_model(archive, Path(folder))
             card, state, _ = read_previous_model(Path(folder))
         return card, state, archive
-    weights_path = card_path.parent / MODEL_WEIGHTS
+    try:  # no file of the channel may lead outside it (model_card.file_inside)
+        file_inside(channel, card_path.relative_to(channel))
+        weights_path = file_inside(channel, card_path.parent.relative_to(channel) / MODEL_WEIGHTS)
+    except ModelCardError as exc:
+        raise UserInputError(str(exc)) from exc
     if not weights_path.is_file():
         raise UserInputError(
             f"{card_path} has no {MODEL_WEIGHTS} beside it; give the whole model/ folder of the "
