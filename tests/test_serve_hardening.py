@@ -32,7 +32,7 @@ from test_serve import ATTRS, SERVE, Server, jpeg_bytes
 HEADER_TIMEOUT_S = 2
 BODY_TIMEOUT_S = 5
 DRAIN_TIMEOUT_S = 1
-MAX_CONNECTIONS = 16
+MAX_CONNECTIONS = 32  # above the 20 concurrent requests of the decode test
 BIG_PNG = (7280, 5456)  # 39.7 megapixels, as in the issue
 DECODE_PIXELS = 80_000_000  # two such images at once
 

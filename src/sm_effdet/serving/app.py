@@ -209,6 +209,7 @@ class Guard:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.in_flight = 0  # requests other than /ping being read or answered
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -239,8 +240,19 @@ class Guard:
             await send(message)
 
         scope.setdefault("state", {})["images"] = 0  # request.state.images, set by the route
+        pinged = scope["path"] == "/ping"
         try:
-            await self.inner(scope, timed_receive, tracked_send)
+            if not pinged and self.in_flight >= state.settings.max_connections:
+                # uvicorn's own limit (limit_concurrency) counted idle connections and /ping too.
+                status = 503
+                await _send_json(send, 503, f"the server has {self.in_flight} requests in flight "
+                                 "(SERVE_MAX_CONNECTIONS); retry shortly.")
+                return
+            self.in_flight += not pinged
+            try:
+                await self.inner(scope, timed_receive, tracked_send)
+            finally:
+                self.in_flight -= not pinged
         except asyncio.CancelledError:
             if started:
                 raise
@@ -250,7 +262,7 @@ class Guard:
             await _send_json(send, 503, "the server is shutting down and this request did not finish "
                              f"within the drain window of {state.settings.drain_timeout_s:g} s; retry it.")
         finally:
-            if scope["path"] != "/ping":  # the platform pings every few seconds
+            if not pinged:  # the platform pings every few seconds
                 log.info(
                     "%s %s status=%d latency_ms=%.1f images=%d", scope["method"], scope["path"][:80],
                     status, (time.perf_counter() - begun) * 1000, scope["state"].get("images", 0),
@@ -272,8 +284,7 @@ class GuardedH11Protocol(H11Protocol):
       (408, then the connection is closed). An idle connection waits KEEP_ALIVE_S, as before.
     - Beyond SERVE_MAX_CONNECTIONS open connections, each new one closes the connection that has
       waited longest without a request in flight (idle or still sending headers), so that
-      1,024 idle or slow clients cannot lock every caller out, /ping included. With none to
-      close, the new connection is closed.
+      1,024 idle or slow clients cannot lock every caller out, /ping included.
     """
 
     header_timer: asyncio.TimerHandle | None = None
@@ -287,8 +298,10 @@ class GuardedH11Protocol(H11Protocol):
         if len(self.connections) > state.settings.max_connections:
             waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol)
                        and c.without_request() and not c.transport.is_closing()]
-            oldest = min(waiting, key=lambda c: c.waiting_since, default=self)
-            oldest.transport.close()
+            # With none waiting, every connection has a request in flight: the new one is kept,
+            # and Guard answers its request 503 once SERVE_MAX_CONNECTIONS are in flight.
+            if waiting:
+                min(waiting, key=lambda c: c.waiting_since).transport.close()
 
     def without_request(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -317,11 +330,16 @@ class GuardedH11Protocol(H11Protocol):
         self.header_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
-        body = json.dumps({"error": f"the request line and headers did not arrive within "
-                           f"{state.settings.header_timeout_s:g} s (SERVE_HEADER_TIMEOUT_S); send them at once."}).encode()
+        self.reply_and_close(408, "Request Timeout", "the request line and headers did not arrive within "
+                             f"{state.settings.header_timeout_s:g} s (SERVE_HEADER_TIMEOUT_S); send them at once.")
+
+    def reply_and_close(self, status: int, phrase: str, message: str) -> None:
+        """An answer in the contract's shape before a request was read whole (h11 would refuse
+        to send one), then the connection closed."""
+        body = json.dumps({"error": message}).encode()
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode() + body
         )
         self.transport.close()
 
