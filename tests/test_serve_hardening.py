@@ -132,6 +132,8 @@ BROKEN = {
     "model.json linked out": (lambda m: _link_out(m, "model.json"), {}, ["model.json leads outside", "elsewhere-model.json"]),
     "model.safetensors linked out": (lambda m: _link_out(m, "model.safetensors"), {},
                                      ["model.safetensors leads outside", "elsewhere-model.safetensors"]),
+    "model.onnx linked out": (lambda m: (tiny_onnx(m / "model.onnx", 256), _link_out(m, "model.onnx")),
+                              {"SERVE_BACKEND": "onnx"}, ["model.onnx leads outside", "elsewhere-model.onnx"]),
     "model.json nested 100000 deep": (lambda m: (m / "model.json").write_text("[" * 100_000 + "]" * 100_000), {},
                                       ["model.json is nested too deeply to read"]),
     "NaN weights": (_nan_weights, {}, ["model.safetensors holds non-finite values (NaN or infinity) in "]),

@@ -112,6 +112,11 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # all cores
         self.backend = choose_backend(backend, model_dir, self.device)
+        if self.backend == "onnx":
+            try:  # the rule model.json and the weights follow: no file from outside the folder
+                model_card.file_inside(model_dir, ONNX_FILE)
+            except model_card.ModelCardError as exc:
+                raise ModelLoadError(str(exc)) from None
         try:
             self.model, _ = inference.load_model(model_dir, str(self.device))
             non_finite = _first_non_finite(self.model.model)
