@@ -727,7 +727,7 @@ def decode_memory(work: Path, concurrent: int) -> list[str]:
     png = out.getvalue()
     lines = [f"  {concurrent} concurrent requests, each a 7280x5456 PNG ({len(png) / 1000:.0f} kB)"]
     for label, budget in (("decode budget 80,000,000 px (default)", "80000000"),
-                          ("budget lifted (before)", "10000000000")):
+                          ("budget lifted (every request decodes at once)", "10000000000")):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
