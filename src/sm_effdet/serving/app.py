@@ -76,7 +76,7 @@ async def _load_in_background() -> None:
     torch_thread = model_thread()  # the model is loaded and warmed up where it will run
     try:
         predictor = await asyncio.get_running_loop().run_in_executor(torch_thread, _load_model)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (whatever it is, the process must end, saying so)
         torch_thread.shutdown(wait=False)
         log.error("cannot serve: %s", _cannot_serve(exc))
         state.exit_code = 1
@@ -227,7 +227,7 @@ class Guard:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
                 body_done = not message.get("more_body", False)
                 return message
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise decoding.ClientError(
                     408, f"the request body did not arrive within {state.settings.body_timeout_s:g} s "
                     "(SERVE_BODY_TIMEOUT_S); send it at once, or raise the limit.",
