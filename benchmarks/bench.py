@@ -34,6 +34,10 @@ Not a pass/fail test: it prints figures.
 11. start-up from a Ground Truth output manifest of the same 118,000 images (one JSON line each,
    with image_size, so no image is opened): the job's manifest reader to image records, against
    json.load of the equivalent COCO JSON.
+12. serving memory under large images: peak RSS of ./serve while 20 concurrent requests each
+   hold a 39.7-megapixel PNG (154 kB compressed), with the decode budget
+   (SERVE_MAX_DECODE_PIXELS, 80,000,000: two such images at once) and with it lifted (every
+   request decodes at once, as before the budget).
 
 `--sections 5` runs only the serving part (any list, e.g. `--sections 8,9`);
 `--serve-requests`/`--rss-requests`, `--eval-images` and `--tb-epochs`/`--tb-repeats` shorten them.
@@ -796,9 +800,10 @@ def main() -> None:
     parser.add_argument("--icevision-images", type=int, default=2_000)
     parser.add_argument("--pipeline-images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11", help="which parts to run, e.g. 5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11,12", help="which parts to run, e.g. 5")
     parser.add_argument("--format-images", type=int, default=118_000)
     parser.add_argument("--format-boxes", type=int, default=860_000)
+    parser.add_argument("--decode-requests", type=int, default=20)
     parser.add_argument("--serve-requests", type=int, default=400)
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--onnx-img-size", type=int, default=512)
@@ -870,6 +875,72 @@ def main() -> None:
         if 11 in sections:
             print("11. start-up: a Ground Truth manifest at COCO scale")
             print("\n".join(groundtruth_startup(work, channel, args.images, args.boxes)), flush=True)
+        if 12 in sections:
+            print("12. serving memory: concurrent 39.7-megapixel PNGs, decode budget on and lifted")
+            print("\n".join(decode_memory(work, args.decode_requests)), flush=True)
+
+
+def decode_memory(work: Path, concurrent: int) -> list[str]:
+    """Peak RSS of ./serve (VmHWM) for `concurrent` requests of a 39.7-megapixel PNG at once."""
+    import io
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from PIL import Image
+
+    from sm_effdet import artifacts
+    from sm_effdet.backbones import BACKBONES
+    from sm_effdet.model import build_model
+    from sm_effdet.preprocessing import backbone_normalization
+
+    bench = build_model("tf_lite0", 3, 256, pretrained=False, pretrained_dir=None)
+    card = {
+        "effdet_model_name": BACKBONES["tf_lite0"], "backbone": "tf_lite0", "img_size": 256,
+        "num_classes": 3, "weights_file": artifacts.WEIGHTS_FILE,
+        "classes": [{"label": i + 1, "id": i + 1, "name": f"class{i + 1}"} for i in range(3)],
+        "normalization": backbone_normalization(BACKBONES["tf_lite0"]),
+    }
+    base = work / "decode-tree"
+    artifacts.write_model(base / "model", bench.model.state_dict(), card)
+    out = io.BytesIO()
+    Image.new("RGB", (7280, 5456), (90, 140, 200)).save(out, "PNG")
+    png = out.getvalue()
+    lines = [f"  {concurrent} concurrent requests, each a 7280x5456 PNG ({len(png) / 1000:.0f} kB)"]
+    for label, budget in (("decode budget 80,000,000 px (default)", "80000000"),
+                          ("budget lifted (every request decodes at once)", "10000000000")):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port),
+               "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "SERVE_BACKEND": "torch",
+               "SERVE_MAX_DECODE_PIXELS": budget}
+        with (work / "decode-serve.log").open("a") as log:
+            server = subprocess.Popen([sys.executable, str(REPO / "serve")], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url)
+            ready = _rss_mb(server.pid)
+
+            def one(_: int) -> int:
+                return requests.post(url + "/invocations", data=png, headers={"Content-Type": "image/png"},
+                                     timeout=600).status_code
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(concurrent) as pool:
+                codes = list(pool.map(one, range(concurrent)))
+            seconds = time.perf_counter() - started
+            status = Path(f"/proc/{server.pid}/status").read_text()
+            peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+            lines.append(
+                f"  {label}: RSS {ready:.0f} MB ready, peak {peak:.0f} MB, {_rss_mb(server.pid):.0f} MB "
+                f"after; {seconds:.1f} s for all, answers {sorted(set(codes))}"
+            )
+        finally:
+            server.terminate()
+            server.wait(60)
+    return lines
 
 
 def onnx_vs_pytorch(img_size: int, rounds: int) -> str:

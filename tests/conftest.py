@@ -115,6 +115,16 @@ def tree(tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> Path:
+    """A model folder written by the real ./train (tiny: FAST, 1 epoch), shared by the session:
+    tests/test_serve.py and tests/test_serve_hardening.py serve it."""
+    base = write_tree(tmp_path_factory.mktemp("serve") / "opt_ml", {**FAST, "val_fraction": "0.25"}, n_images=12)
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return base
+
+
 # --- An AWS emulator on loopback (moto's server: S3, SageMaker, CloudWatch Logs) -------------
 # moto's SageMaker is shallow (shared/docs/sagemaker-launch-facts.md): a job is Completed at
 # once, its metrics and times are made up, nothing is written to S3. Tests that use it are

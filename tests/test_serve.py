@@ -22,21 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import FAST, REPO, run_train, write_tree
+from conftest import FAST, REPO
 from PIL import Image
 
 SERVE = REPO / "serve"
 MAX_PIXELS = 4_000_000
 MAX_PAYLOAD_MB = 2
-
-
-@pytest.fixture(scope="session")
-def trained_model(tmp_path_factory) -> Path:
-    """A model folder written by the real ./train (tiny: FAST, 1 epoch), shared by the session."""
-    base = write_tree(tmp_path_factory.mktemp("serve") / "opt_ml", {**FAST, "val_fraction": "0.25"}, n_images=12)
-    result = run_train(base)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return base
 
 
 def free_port() -> int:

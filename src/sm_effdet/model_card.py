@@ -7,6 +7,7 @@ standalone (standard library only). The writer imports the package lazily, insid
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,86 @@ class ModelCardError(ValueError):
 # ---------------------------------------------------------------- reader
 
 
+def file_inside(folder: str | Path, name: str | Path) -> Path:
+    """folder/name, refused when it or a link on its way leads outside `folder`.
+
+    The rule the training images follow (nothing outside the channel) for every file the server
+    or a warm start opens: a link inside a model folder or channel must not reach other files.
+    """
+    folder = Path(folder)
+    path = folder / name
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise ModelCardError(f"{path} cannot be resolved ({type(exc).__name__}); replace it with the file itself.") from None
+    if not inside:
+        raise ModelCardError(
+            f"{path} leads outside {folder} (to {path.resolve()}); put the file itself in the "
+            "folder instead of a link to elsewhere."
+        )
+    return path
+
+
 def read_model_card(model_dir: str | Path) -> dict[str, Any]:
     """model.json of a model folder, checked; fails with one sentence naming what is wrong."""
     path = Path(model_dir) / METADATA_FILE
     try:
-        card = json.loads(path.read_text())
+        card = json.loads(file_inside(model_dir, METADATA_FILE).read_text())
     except FileNotFoundError:
         raise ModelCardError(
             f"{path} does not exist; point the model folder at the contents of a training job's "
             "model.tar.gz."
         ) from None
+    except RecursionError:
+        raise ModelCardError(f"{path} is nested too deeply to read; use the model.json a training job wrote.") from None
     except (OSError, ValueError) as exc:
-        raise ModelCardError(f"{path} is not readable JSON ({exc}); use the model.json a training job wrote.") from None
+        if isinstance(exc, ModelCardError):
+            raise
+        raise ModelCardError(f"{path} is not readable JSON ({str(exc)[:200]}); use the model.json a training job wrote.") from None
     missing = [k for k in REQUIRED_KEYS if k not in card] if isinstance(card, dict) else list(REQUIRED_KEYS)
     if missing:
         raise ModelCardError(f"{path} lacks {', '.join(missing)}; use the model.json a training job wrote.")
+    problem = _card_problem(card)
+    if problem:
+        raise ModelCardError(f"{path}: {problem}; use the model.json a training job wrote.")
+    file_inside(model_dir, card["weights_file"])
     return card
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _card_problem(card: dict[str, Any]) -> str | None:
+    """What makes the fields disagree with their format or with each other, else None."""
+    if not isinstance(card["effdet_model_name"], str) or not card["effdet_model_name"]:
+        return "'effdet_model_name' is not a model name"
+    size = card["img_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 128 or size % 128:
+        return f"'img_size' is {str(size)[:40]}, not a multiple of 128"
+    classes = card["classes"]
+    if not isinstance(classes, list) or not classes:
+        return "'classes' is not a non-empty list of classes (a model with no classes detects nothing)"
+    for i, c in enumerate(classes):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or c.get("label") != i + 1:
+            return f"'classes'[{i}] is not {{\"label\": {i + 1}, \"name\": ...}}"
+    if card["num_classes"] != len(classes):
+        return f"'num_classes' is {str(card['num_classes'])[:40]} but 'classes' lists {len(classes)}"
+    norm = card["normalization"]
+    if not isinstance(norm, dict):
+        return "'normalization' is not an object with mean and std"
+    for key, low in (("mean", -math.inf), ("std", 0)):
+        values = norm.get(key)
+        if not isinstance(values, list) or len(values) != 3 or not all(_is_number(v) and v > low for v in values):
+            kind = "positive numbers" if key == "std" else "numbers"
+            return f"'normalization'.'{key}' is {str(values)[:60]}, not 3 {kind}"
+    fill = norm.get("fill", [0, 0, 0])
+    if not isinstance(fill, list) or len(fill) != 3 or not all(_is_number(v) and 0 <= v <= 255 for v in fill):
+        return f"'normalization'.'fill' is {str(fill)[:60]}, not 3 numbers from 0 to 255"
+    name = card["weights_file"]
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return f"'weights_file' is {str(name)[:80]!r}, not a file name inside the model folder"
+    return None
 
 
 def default_score_threshold(card: dict[str, Any]) -> float:

@@ -22,7 +22,7 @@ from .artifacts import non_finite_tensors
 from .backbones import BACKBONES
 from .errors import UserInputError
 from .model import WEIGHT_SUFFIXES, read_state_dict
-from .model_card import METADATA_FILE, ModelCardError, read_model_card
+from .model_card import METADATA_FILE, ModelCardError, file_inside, read_model_card
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def read_previous_model(channel: Path) -> tuple[dict[str, Any], dict[str, torch.
     """model.json and the weights from the `model` channel (a model/ folder or model.tar.gz)."""
     card_path = _find_one(channel, MODEL_JSON)
     if card_path is not None:
-        card, state = _read_model_folder(card_path.parent)
+        card, state = _read_model_folder(card_path.parent, channel)
         return card, state, card_path.parent
     archive = _find_one(channel, MODEL_ARCHIVE)
     if archive is None:
@@ -62,15 +62,22 @@ def read_previous_model(channel: Path) -> tuple[dict[str, Any], dict[str, torch.
                 "job wrote (it holds both), or its model/ folder."
             )
         try:
-            card, state = _read_model_folder(Path(folder))
+            card, state = _read_model_folder(Path(folder), Path(folder))
         except UserInputError as exc:
             # The user knows the archive, not the temporary folder it was unpacked into.
             raise UserInputError(_in_archive(str(exc), Path(folder), archive)) from None
     return card, state, archive
 
 
-def _read_model_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    card_path, weights_path = folder / MODEL_JSON, folder / MODEL_WEIGHTS
+def _read_model_folder(folder: Path, root: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """model.json and the weights of a model folder inside `root` (the channel, or the folder
+    an archive was unpacked into)."""
+    card_path = folder / MODEL_JSON
+    try:  # no file of the channel may lead outside it (model_card.file_inside)
+        file_inside(root, card_path.relative_to(root))
+        weights_path = file_inside(root, folder.relative_to(root) / MODEL_WEIGHTS)
+    except ModelCardError as exc:
+        raise UserInputError(str(exc)) from exc
     if not weights_path.is_file():
         raise UserInputError(
             f"{card_path} has no {MODEL_WEIGHTS} beside it; give the whole model/ folder of the "

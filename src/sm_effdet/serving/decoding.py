@@ -46,11 +46,12 @@ def media_type(header: str | None) -> str:
 def _option(name: str, value: Any, where: str) -> float | int:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer of 400 digits
         number = float("nan")
     if name == "score_threshold" and 0 <= number <= 1:
         return number
-    if name == "max_detections" and number >= 1 and number == int(number):
+    # inf and 1e400 (inf once parsed) fail the first test, never reaching int().
+    if name == "max_detections" and 1 <= number < 2**53 and number == int(number):
         return int(number)
     allowed = "a number from 0 to 1" if name == "score_threshold" else "a whole number from 1"
     raise ClientError(400, f"{where} sets {name} to {str(value)[:40]!r}; give {allowed}.")
@@ -83,6 +84,8 @@ def _json_document(text: bytes, where: str) -> Any:
         return json.loads(text)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ClientError(400, f"{where} is not valid JSON ({str(exc)[:80]}); send a JSON object with base64 images.") from None
+    except RecursionError:
+        raise ClientError(400, f"{where} is nested too deeply to read; send a JSON object with base64 images.") from None
 
 
 def _apply_body_options(document: dict[str, Any], options: Options, where: str) -> None:
