@@ -31,6 +31,7 @@ from botocore.validate import validate_parameters
 
 from sm_effdet.errors import UserInputError
 from sm_effdet.launch import hosting, tuning
+from sm_effdet.launch.upload import split_s3
 from sm_effdet.launch.validation import check_request, service_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -361,7 +362,7 @@ def completed_job(clients, name: str = "sm-effdet-tf-lite0-20261203-074500") -> 
     request = training_request(name)
     clients["sagemaker"].create_training_job(**request)
     uri = clients["sagemaker"].describe_training_job(TrainingJobName=name)["ModelArtifacts"]["S3ModelArtifacts"]
-    bucket, key = hosting.split_s3_uri(uri)
+    bucket, key = split_s3(uri)
     clients["s3"].put_object(Bucket=bucket, Key=key, Body=model_tarball())
     return uri
 

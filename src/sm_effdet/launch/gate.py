@@ -13,6 +13,7 @@ import tarfile
 from typing import Any
 
 from ..errors import UserInputError, shorten
+from .upload import split_s3
 
 METRIC = "valid_map"
 # model.json is a few hundred kB at most (its history grows with the epochs); a larger member is
@@ -20,16 +21,13 @@ METRIC = "valid_map"
 MAX_CARD_BYTES = 16 * 1024 * 1024
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    if not isinstance(uri, str) or not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise UserInputError(f"{shorten(uri)} is not an s3://bucket/key URI of a model.tar.gz.")
-    bucket, key = uri[5:].split("/", 1)
-    return bucket, key
-
-
 def model_card_at(s3, model_data: str) -> dict[str, Any]:
     """model.json from the model.tar.gz at `model_data` (s3://...)."""
-    bucket, key = split_s3_uri(model_data)
+    bucket, key = split_s3(model_data) if str(model_data).startswith("s3://") else ("", "")
+    if not bucket or not key:
+        raise UserInputError(
+            f"{shorten(model_data)} is not an s3://bucket/key URI of a model.tar.gz."
+        )
     body = s3.get_object(Bucket=bucket, Key=key)["Body"]
     try:
         with tarfile.open(fileobj=body, mode="r|*") as archive:
@@ -82,7 +80,9 @@ def deployed_model_data(sagemaker, endpoint: str) -> str | None:
 def passes(candidate: float, min_map: float, deployed: float | None = None) -> tuple[bool, str]:
     """Whether the candidate goes on, and one sentence saying why."""
     if candidate < min_map:
-        return False, f"validation mAP {candidate:.4f} is below the threshold {min_map:.4f}: not deployed."
+        return False, (
+            f"validation mAP {candidate:.4f} is below the threshold {min_map:.4f}: not deployed."
+        )
     if deployed is not None and candidate < deployed:
         return False, (
             f"validation mAP {candidate:.4f} is below the deployed model's {deployed:.4f}: not "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import UserInputError, shorten
+from .upload import split_s3
 from .validation import check_request
 
 NAME_LIMIT = 63  # models, endpoint configs, endpoints and transform jobs
@@ -46,11 +47,6 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
             )
         env[key.strip()] = value
     return env
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    return bucket, key
 
 
 # --- Where the model comes from ---------------------------------------------------------
@@ -88,7 +84,7 @@ def model_source(sagemaker, s3, source: str) -> dict[str, Any]:
 def _check_object(s3, uri: str) -> None:
     from botocore.exceptions import ClientError
 
-    bucket, key = split_s3_uri(uri)
+    bucket, key = split_s3(uri)
     try:
         s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
@@ -477,7 +473,7 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
 
 
 def _check_input(s3, uri: str) -> int:
-    bucket, prefix = split_s3_uri(uri)
+    bucket, prefix = split_s3(uri)
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1000)
     count = listing.get("KeyCount", 0)
     if not count:
@@ -499,7 +495,7 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
     _image_and_role(args, source)
     count = _check_input(s3, args.input)
     name = args.name or resource_name(source["JobName"] or "sm-effdet-transform", _stamp())
-    bucket, _ = split_s3_uri(args.input)
+    bucket, _ = split_s3(args.input)
     output = args.output or f"s3://{bucket}/sm-effdet/transform/{name}/"
     request = transform_request(
         name,
@@ -537,7 +533,7 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
     )
     if failed is not None:
         return failed
-    out_bucket, out_prefix = split_s3_uri(output)
+    out_bucket, out_prefix = split_s3(output)
     results = s3.list_objects_v2(Bucket=out_bucket, Prefix=out_prefix).get("Contents", [])
     print(f"Results: {output} ({len(results)} files, one <input object>.out per input)", file=out)
     for item in results[:5]:

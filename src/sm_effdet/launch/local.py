@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from urllib.parse import unquote, urlparse
 
 from ..errors import UserInputError, shorten
+from .upload import split_s3
 from .validation import check_request
 
 CONTAINER_BASE = "/opt/ml"
@@ -147,11 +148,6 @@ def _local_path(uri: str) -> Path:
     return Path(uri).expanduser().absolute()
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
-
-
 def _join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
@@ -169,7 +165,7 @@ def download_prefix(s3, uri: str, dest: Path) -> int:
     """Every object under the S3 prefix into `dest`, keeping the paths below the prefix's folder
     (as SageMaker does: s3://b/data/training/ gives dest/a.jpg, s3://b/data/train gives
     dest/train.../a.jpg). Returns the number of objects."""
-    bucket, prefix = _split_s3(uri)
+    bucket, prefix = split_s3(uri)
     folder = prefix[: prefix.rfind("/") + 1]
     count = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -186,7 +182,7 @@ def download_prefix(s3, uri: str, dest: Path) -> int:
 
 def download_manifest(s3, uri: str, dest: Path) -> int:
     """The objects a ManifestFile lists ([{"prefix": "s3://..."}, "relative/key", ...])."""
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3(uri)
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
         entries = json.loads(body)
@@ -198,7 +194,7 @@ def download_manifest(s3, uri: str, dest: Path) -> int:
             f"the manifest {shorten(uri)} is not a JSON list of a {{\"prefix\": \"s3://...\"}} "
             "object and relative keys; fix it or give the channel an S3Prefix."
         ) from None
-    source_bucket, source_prefix = _split_s3(prefix)
+    source_bucket, source_prefix = split_s3(prefix)
     for relative in relatives:
         normal = _relative_key(relative, "")
         if normal is None:
@@ -215,7 +211,7 @@ def download_manifest(s3, uri: str, dest: Path) -> int:
 def upload_folder(s3, folder: Path, uri: str, delete: bool = False) -> int:
     """Every file under `folder` to the S3 prefix `uri`/; with `delete`, objects under the prefix
     that `folder` no longer has are removed (SageMaker's checkpoint sync does so)."""
-    bucket, prefix = _split_s3(_join(uri, ""))
+    bucket, prefix = split_s3(_join(uri, ""))
     keys = set()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         key = prefix + path.relative_to(folder).as_posix()
@@ -231,7 +227,7 @@ def upload_folder(s3, folder: Path, uri: str, delete: bool = False) -> int:
 
 def put_file(s3, path: Path, uri: str) -> None:
     if _scheme(uri) == "s3":
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         s3.upload_file(str(path), bucket, key)
     else:
         target = _local_path(uri)
