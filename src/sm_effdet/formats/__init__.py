@@ -121,18 +121,6 @@ def _channel_names(channels: Mapping[str, Path]) -> tuple[str, str | None]:
     )
 
 
-def _own_split(data: CocoData, report: DataReport) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """The format's own split (VOC ImageSets, a data.yaml's train and val, split folders)."""
-    split = data.split
-    train = [r for r in data.images if r.image_id in split["train"]]
-    val = [r for r in data.images if r.image_id in split["val"] and r.image_id not in split["train"]]
-    unused = len(data.images) - len(train) - len(val)
-    if unused:
-        report.add("split_images_in_neither_list", n=unused)
-    report.split = {"how": split["how"], "train": len(train), "val": len(val)}
-    return train, val
-
-
 def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: DataReport) -> Dataset:
     """Read the channels' annotations (by channel name: "training", "validation", ...; local
     folders) and split; fail when nothing usable is left. `report` receives the counts per
@@ -168,7 +156,11 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
         report.split = {"how": "validation channel", "train": len(train), "val": len(val)}
         val_source = f"validation channel's {val_data.annotation_file}"
     elif train_data.split is not None:
-        train, val = _own_split(train_data, report)
+        # The format's own split (VOC ImageSets, a data.yaml's train and val, split folders).
+        split = train_data.split
+        train, val = coco.split_by_ids(
+            train_data.images, split["train"], split["val"], split["how"], report
+        )
         val_source = f"{train_data.split['how']} in {training}"
     else:
         train, val = coco.split_records(

@@ -681,6 +681,20 @@ def _check_split_matches(split_ids: set, image_ids: set, split_file: Path) -> No
     )
 
 
+def split_by_ids(
+    records: list[ImageRecord], train_ids: set, val_ids: set, how: str, report: DataReport
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Training and validation records by image id (an id in both lists trains); images in
+    neither list are counted, not used."""
+    train = [r for r in records if r.image_id in train_ids]
+    val = [r for r in records if r.image_id in val_ids and r.image_id not in train_ids]
+    unused = len(records) - len(train) - len(val)
+    if unused:
+        report.add("split_images_in_neither_list", n=unused)
+    report.split = {"how": how, "train": len(train), "val": len(val)}
+    return train, val
+
+
 def split_records(
     records: list[ImageRecord],
     *,
@@ -713,13 +727,7 @@ def split_records(
                 "used for training only", split_file, len(both), val_key,
                 shorten(sorted(map(str, both))[:5]),
             )
-        train = [r for r in records if r.image_id in train_ids]
-        val = [r for r in records if r.image_id in val_ids and r.image_id not in train_ids]
-        unused = len(records) - len(train) - len(val)
-        if unused:
-            report.add("split_images_in_neither_list", n=unused)
-        report.split = {"how": f"split file {split_file.name}", "train": len(train), "val": len(val)}
-        return train, val
+        return split_by_ids(records, train_ids, val_ids, f"split file {split_file.name}", report)
     shuffled = list(records)
     random.Random(seed).shuffle(shuffled)
     n_val = round(len(shuffled) * val_fraction)
