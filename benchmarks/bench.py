@@ -606,6 +606,26 @@ def wait_healthy(url: str, seconds: float = 300) -> None:
         time.sleep(0.5)
 
 
+def untrained_model_folder(folder: Path, img_size: int):
+    """A model folder as a job writes it (model.json + weights) for an untrained tf_lite0 with
+    3 classes: serving speed and memory do not depend on what the weights learned. Returns the
+    effdet bench whose network was written."""
+    from sm_effdet import artifacts
+    from sm_effdet.backbones import BACKBONES
+    from sm_effdet.model import build_model
+    from sm_effdet.preprocessing import backbone_normalization
+
+    bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None)
+    card = {
+        "effdet_model_name": BACKBONES["tf_lite0"], "backbone": "tf_lite0", "img_size": img_size,
+        "num_classes": 3, "weights_file": artifacts.WEIGHTS_FILE,
+        "classes": [{"label": i + 1, "id": i + 1, "name": f"class{i + 1}"} for i in range(3)],
+        "normalization": backbone_normalization(BACKBONES["tf_lite0"]),
+    }
+    artifacts.write_model(folder, bench.model.state_dict(), card)
+    return bench
+
+
 def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     """./serve against the plain loop, both on the CPU with the same model and images."""
     import socket
@@ -614,22 +634,12 @@ def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     import requests
     import torch
 
-    from sm_effdet import artifacts, inference
-    from sm_effdet.backbones import BACKBONES
+    from sm_effdet import inference
     from sm_effdet.export import export_onnx
-    from sm_effdet.model import build_model
-    from sm_effdet.preprocessing import backbone_normalization
 
     img_size = 256
-    bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None)
-    card = {
-        "effdet_model_name": BACKBONES["tf_lite0"], "backbone": "tf_lite0", "img_size": img_size,
-        "num_classes": 3, "weights_file": artifacts.WEIGHTS_FILE,
-        "classes": [{"label": i + 1, "id": i + 1, "name": f"class{i + 1}"} for i in range(3)],
-        "normalization": backbone_normalization(BACKBONES["tf_lite0"]),
-    }
     base = work / "serve-tree"
-    artifacts.write_model(base / "model", bench.model.state_dict(), card)
+    bench = untrained_model_folder(base / "model", img_size)
     folder = jpeg_set(work / "serve-images", 640, 480, 16)
     images = [p.read_bytes() for p in sorted(folder.glob("images/*.jpg"))]
 
@@ -889,20 +899,8 @@ def decode_memory(work: Path, concurrent: int) -> list[str]:
     import requests
     from PIL import Image
 
-    from sm_effdet import artifacts
-    from sm_effdet.backbones import BACKBONES
-    from sm_effdet.model import build_model
-    from sm_effdet.preprocessing import backbone_normalization
-
-    bench = build_model("tf_lite0", 3, 256, pretrained=False, pretrained_dir=None)
-    card = {
-        "effdet_model_name": BACKBONES["tf_lite0"], "backbone": "tf_lite0", "img_size": 256,
-        "num_classes": 3, "weights_file": artifacts.WEIGHTS_FILE,
-        "classes": [{"label": i + 1, "id": i + 1, "name": f"class{i + 1}"} for i in range(3)],
-        "normalization": backbone_normalization(BACKBONES["tf_lite0"]),
-    }
     base = work / "decode-tree"
-    artifacts.write_model(base / "model", bench.model.state_dict(), card)
+    untrained_model_folder(base / "model", 256)
     out = io.BytesIO()
     Image.new("RGB", (7280, 5456), (90, 140, 200)).save(out, "PNG")
     png = out.getvalue()

@@ -434,24 +434,13 @@ def part_serve(check: Check) -> dict:
 
     import requests
     import torch
-    from bench import _percentile, jpeg_set, wait_healthy
+    from bench import _percentile, jpeg_set, untrained_model_folder, wait_healthy
 
-    from sm_effdet import artifacts
-    from sm_effdet.backbones import BACKBONES
-    from sm_effdet.model import build_model
-    from sm_effdet.preprocessing import backbone_normalization
     from sm_effdet.serving.predictor import Predictor
 
     size, n = check.sizes.img_size, check.sizes.serve_requests
-    bench = build_model("tf_lite0", 3, size, pretrained=False, pretrained_dir=None)
-    card = {
-        "effdet_model_name": BACKBONES["tf_lite0"], "backbone": "tf_lite0", "img_size": size,
-        "num_classes": 3, "weights_file": artifacts.WEIGHTS_FILE,
-        "classes": [{"label": i + 1, "id": i + 1, "name": f"class{i + 1}"} for i in range(3)],
-        "normalization": backbone_normalization(BACKBONES["tf_lite0"]),
-    }
     base = check.work / "serve-tree"
-    artifacts.write_model(base / "model", bench.model.state_dict(), card)
+    untrained_model_folder(base / "model", size)
     folder = jpeg_set(check.work / "serve-images", 640, 480, 16)
     images = [p.read_bytes() for p in sorted(folder.glob("images/*.jpg"))]
 
