@@ -134,9 +134,9 @@ def child_json_load(channel: str) -> dict:
 def child_job_dataset(channel: str) -> dict:
     # Imports are timed apart: a fixed cost, the same for ten images or a million.
     started = time.perf_counter()
-    from sm_effdet.data import DetectionDataset
-    from sm_effdet.formats import coco
-    from sm_effdet.transforms import train_transform
+    from sm_effdet.data.dataset import DetectionDataset
+    from sm_effdet.data.formats import coco
+    from sm_effdet.data.transforms import train_transform
 
     imports = time.perf_counter() - started
     started = time.perf_counter()
@@ -149,7 +149,7 @@ def child_job_dataset(channel: str) -> dict:
 
 
 def child_icevision_parser(channel: str) -> dict:
-    from sm_effdet.model import ensure_icevision_font
+    from sm_effdet.model.efficientdet import ensure_icevision_font
 
     ensure_icevision_font()
     from icevision import parsers
@@ -167,7 +167,7 @@ def child_onnx_cpu(img_size: str, batches: str, rounds: str) -> dict:
     import torch
     from effdet import create_model
 
-    from sm_effdet.export import OnnxEfficientDet, export_onnx
+    from sm_effdet.model.export import OnnxEfficientDet, export_onnx
 
     size = int(img_size)
     # Random weights: speed does not depend on them; both benches hold the same ones.
@@ -197,7 +197,7 @@ def child_onnx_cpu(img_size: str, batches: str, rounds: str) -> dict:
 
 
 def child_format_read(channel: str, fmt: str, workers: str) -> dict:
-    from sm_effdet.formats import DataReport, common, voc, yolo
+    from sm_effdet.data.formats import DataReport, common, voc, yolo
     from sm_effdet.hyperparameters import parse_hyperparameters
 
     if workers == "no":  # one chunk: read in this process, so that its CPU time is all of it
@@ -211,7 +211,7 @@ def child_format_read(channel: str, fmt: str, workers: str) -> dict:
 
 
 def child_image_headers(channel: str) -> dict:
-    from sm_effdet.formats.common import image_size
+    from sm_effdet.data.formats.common import image_size
 
     paths = sorted((Path(channel) / "images").iterdir())
     started, cpu = time.perf_counter(), time.process_time()
@@ -267,7 +267,7 @@ def manifest_from_coco(channel: Path) -> Path:
 
 def child_groundtruth_read(channel: str) -> dict:
     started = time.perf_counter()
-    from sm_effdet.formats import DataReport, groundtruth
+    from sm_effdet.data.formats import DataReport, groundtruth
     from sm_effdet.hyperparameters import parse_hyperparameters
 
     imports = time.perf_counter() - started
@@ -414,10 +414,10 @@ def images_per_second(iterate, n_images: int) -> float:
 
 
 def input_pipeline(work: Path, n: int, batch: int) -> list[str]:
-    from sm_effdet.data import DetectionDataset, make_loader
-    from sm_effdet.formats import coco
-    from sm_effdet.model import ensure_icevision_font
-    from sm_effdet.transforms import train_transform
+    from sm_effdet.data.dataset import DetectionDataset, make_loader
+    from sm_effdet.data.formats import coco
+    from sm_effdet.data.transforms import train_transform
+    from sm_effdet.model.efficientdet import ensure_icevision_font
 
     ensure_icevision_font()
     from icevision import parsers, tfms
@@ -461,12 +461,12 @@ def input_pipeline(work: Path, n: int, batch: int) -> list[str]:
 def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     import torch
 
-    from sm_effdet.data import DetectionDataset, make_loader
-    from sm_effdet.formats import coco
-    from sm_effdet.job import resolve_num_workers
-    from sm_effdet.model import build_model
-    from sm_effdet.preprocessing import backbone_normalization, normalize
-    from sm_effdet.transforms import train_transform
+    from sm_effdet.data.dataset import DetectionDataset, make_loader
+    from sm_effdet.data.formats import coco
+    from sm_effdet.data.transforms import train_transform
+    from sm_effdet.model.efficientdet import build_model
+    from sm_effdet.model.preprocessing import backbone_normalization, normalize
+    from sm_effdet.training.job import resolve_num_workers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = jpeg_set(work / "e2e", 640, 480, batch * (steps + 2) * 2)  # a third is dropped
@@ -523,7 +523,7 @@ def anchor_labelling(img_size: int, batch: int, steps: int) -> list[str]:
     import torch
     from effdet import DetBenchTrain
 
-    from sm_effdet.model import build_model
+    from sm_effdet.model.efficientdet import build_model
 
     torch.manual_seed(0)
     bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None).train()
@@ -610,10 +610,10 @@ def untrained_model_folder(folder: Path, img_size: int):
     """A model folder as a job writes it (model.json + weights) for an untrained tf_lite0 with
     3 classes: serving speed and memory do not depend on what the weights learned. Returns the
     effdet bench whose network was written."""
-    from sm_effdet import artifacts
     from sm_effdet.backbones import BACKBONES
-    from sm_effdet.model import build_model
-    from sm_effdet.preprocessing import backbone_normalization
+    from sm_effdet.model import artifacts
+    from sm_effdet.model.efficientdet import build_model
+    from sm_effdet.model.preprocessing import backbone_normalization
 
     bench = build_model("tf_lite0", 3, img_size, pretrained=False, pretrained_dir=None)
     card = {
@@ -634,8 +634,8 @@ def serving(work: Path, requests_per_run: int, rss_requests: int) -> list[str]:
     import requests
     import torch
 
-    from sm_effdet import inference
-    from sm_effdet.export import export_onnx
+    from sm_effdet.model import inference
+    from sm_effdet.model.export import export_onnx
 
     img_size = 256
     base = work / "serve-tree"
@@ -748,7 +748,7 @@ def generated_detections(n_images: int, per_image: int, classes: int, seed: int 
 
 
 def evaluation(n_images: int) -> list[str]:
-    from sm_effdet import coco_eval
+    from sm_effdet.evaluation import coco_eval
 
     gt, results = generated_detections(n_images, 100, 80)
     seconds, stats = {}, {}

@@ -244,9 +244,9 @@ def synthetic_step(backbone: str, img_size: int, batch: int, device: str, memory
     import torch
 
     from sm_effdet.backbones import BACKBONES
-    from sm_effdet.job import resolve_precision
-    from sm_effdet.model import build_model
-    from sm_effdet.preprocessing import backbone_normalization, normalize
+    from sm_effdet.model.efficientdet import build_model
+    from sm_effdet.model.preprocessing import backbone_normalization, normalize
+    from sm_effdet.training.job import resolve_precision
 
     torch.manual_seed(0)
     bench = build_model(backbone, 3, img_size, pretrained=False, pretrained_dir=None).to(device).train()
@@ -372,9 +372,9 @@ def part_loader(check: Check) -> dict:
     """The job loop (loader + step) against the model-only loop, both with the same step."""
     import torch
 
-    from sm_effdet.data import DetectionDataset, make_loader
-    from sm_effdet.formats import coco
-    from sm_effdet.transforms import train_transform
+    from sm_effdet.data.dataset import DetectionDataset, make_loader
+    from sm_effdet.data.formats import coco
+    from sm_effdet.data.transforms import train_transform
 
     sizes, device = check.sizes, check.sizes.device
     channel = dataset(check)
@@ -521,7 +521,7 @@ def part_fp16(check: Check) -> dict:
 
 
 def part_sigterm(check: Check) -> dict:
-    from sm_effdet.checkpoints import list_checkpoints
+    from sm_effdet.training.checkpoints import list_checkpoints
 
     base = job_tree(check, "sigterm", {"backbone": "tf_lite0", "batch_size": str(check.sizes.sigterm_batch),
                                        "epochs": str(check.sizes.sigterm_epochs)})

@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-from sm_effdet.checkpoints import (
+from sm_effdet.errors import UserInputError
+from sm_effdet.training.checkpoints import (
     META_KEY,
     checkpoint_name,
     find_resumable,
     list_checkpoints,
 )
-from sm_effdet.errors import UserInputError
 
 META = {"backbone": "tf_lite0", "img_size": 256, "classes": [[3, "rectangle"], [7, "ellipse"]]}
 
@@ -58,8 +58,8 @@ def test_names_carry_the_host_and_sort_by_step(tmp_path):
 WRITER = """
 import io, sys, torch
 from pathlib import Path
-from sm_effdet.artifacts import atomic_write_bytes
-from sm_effdet.checkpoints import META_KEY, checkpoint_name
+from sm_effdet.model.artifacts import atomic_write_bytes
+from sm_effdet.training.checkpoints import META_KEY, checkpoint_name
 folder = Path(sys.argv[1])
 meta = {"backbone": "tf_lite0", "img_size": 256, "classes": [[3, "rectangle"], [7, "ellipse"]]}
 step = 0

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sm_effdet.data.formats import DataReport, coco
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.environment import Paths, read_environment
 from sm_effdet.errors import UserInputError
-from sm_effdet.formats import DataReport, coco
 from sm_effdet.hyperparameters import parse_hyperparameters
-from sm_effdet.job import prepare_data
+from sm_effdet.training.job import prepare_data
 
 
 def load(channel: Path, name: str = "annotations.json") -> tuple[coco.CocoData, DataReport]:

@@ -11,9 +11,9 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from sm_effdet.data import DetectionDataset, ImageLoadError, collate, load_image
-from sm_effdet.formats import MAX_IMAGE_PIXELS, ImageRecord
-from sm_effdet.transforms import eval_transform, train_transform
+from sm_effdet.data.dataset import DetectionDataset, ImageLoadError, collate, load_image
+from sm_effdet.data.formats import MAX_IMAGE_PIXELS, ImageRecord
+from sm_effdet.data.transforms import eval_transform, train_transform
 
 
 def record(path: Path, width: int, height: int, boxes=((10, 10, 50, 40),)) -> ImageRecord:

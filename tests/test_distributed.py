@@ -44,9 +44,9 @@ def start(base: Path, port: int) -> subprocess.Popen:
 
 
 def test_layout_from_resourceconfig(tmp_path, monkeypatch):
-    from sm_effdet.distributed import plan_layout, resolve
     from sm_effdet.environment import Paths, read_environment
     from sm_effdet.errors import UserInputError
+    from sm_effdet.training.distributed import plan_layout, resolve
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("MASTER_ADDR", raising=False)

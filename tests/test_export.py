@@ -10,10 +10,9 @@ import pytest
 import torch
 from conftest import FAST, REPO, model_files, run_train, write_tree
 
-from sm_effdet import artifacts
-from sm_effdet.export import OnnxEfficientDet
-from sm_effdet import preprocessing
-from sm_effdet.inference import infer, load_model, preprocess
+from sm_effdet.model import artifacts, preprocessing
+from sm_effdet.model.export import OnnxEfficientDet
+from sm_effdet.model.inference import infer, load_model, preprocess
 
 # ../shared beside the checkout (CI clones main with shared/ beside it).
 RACCOON_IMAGES = REPO.parent / "shared" / "data" / "raccoon" / "images"

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST, REPO, failure_text, run_train
 from PIL import Image
 
-from conftest import FAST, REPO, failure_text, run_train
+from sm_effdet.data.formats import DataReport, common, read_dataset, voc, yolo
 from sm_effdet.demo import SHAPES, make_shapes_dataset
 from sm_effdet.errors import UserInputError
-from sm_effdet.formats import DataReport, common, read_dataset, voc, yolo
 from sm_effdet.hyperparameters import parse_hyperparameters
 
 RACCOON = REPO.parent / "shared" / "data" / "raccoon"

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from conftest import FAST, model_files, run_train
 
+from sm_effdet.data.formats import DataReport, coco, groundtruth, pipe, read_dataset
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.environment import Paths, read_input_data_config
 from sm_effdet.errors import UserInputError
-from sm_effdet.formats import DataReport, coco, groundtruth, pipe, read_dataset
 from sm_effdet.hyperparameters import parse_hyperparameters
 
 ATTRIBUTE = "shapes-job"

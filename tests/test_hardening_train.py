@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_serve import Server
 
-from sm_effdet.checkpoints import checkpoint_name, find_resumable, list_checkpoints
+from sm_effdet.training.checkpoints import checkpoint_name, find_resumable, list_checkpoints
 
 HP = {**FAST, "val_fraction": "0.25"}
 # Not valid TeX: matplotlib's mathtext refused each of these and lost the plot.

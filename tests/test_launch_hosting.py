@@ -327,7 +327,7 @@ def test_the_generated_image_is_a_real_png():
     assert content_type == "image/png" and image.size == (256, 256) and image.mode == "RGB"
     assert image.getpixel((50, 50)) == (200, 40, 40) and image.getpixel((5, 5)) == (128, 128, 128)
     # serve's own decoder (what the endpoint runs on the body) takes it.
-    from sm_effdet.preprocessing import decode_image
+    from sm_effdet.model.preprocessing import decode_image
 
     array, size = decode_image(body, 512)
     assert size == (256, 256) and array.shape[2] == 3

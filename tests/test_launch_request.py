@@ -154,7 +154,7 @@ def test_the_launcher_imports_no_torch():
     code = (
         "import sys, sm_effdet.launch.cli as c, sm_effdet.launch.request, sm_effdet.launch.jobs,"
         " sm_effdet.launch.follow, sm_effdet.launch.upload, sm_effdet.launch.aws,"
-        " sm_effdet.formats, sm_effdet.hyperparameters; c.build_parser();"
+        " sm_effdet.data.formats, sm_effdet.hyperparameters; c.build_parser();"
         " print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

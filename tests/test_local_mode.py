@@ -424,7 +424,7 @@ def test_local_mode_imports_neither_torch_nor_boto3():
     """The launcher stays light: torch runs only in train's own process, boto3 loads on use."""
     script = (
         "import sys, sm_effdet.launch.local; "
-        "print(sorted(m for m in ('torch', 'boto3', 'sm_effdet.job') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'boto3', 'sm_effdet.training.job') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)

@@ -10,9 +10,9 @@ import torch
 from effdet import get_efficientdet_config
 from PIL import Image
 
-from sm_effdet import preprocessing
 from sm_effdet.backbones import BACKBONES
-from sm_effdet.transforms import eval_transform, train_transform
+from sm_effdet.data.transforms import eval_transform, train_transform
+from sm_effdet.model import preprocessing
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 

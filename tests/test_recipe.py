@@ -184,7 +184,7 @@ def test_sgd_with_only_the_optimizer_set_learns(tmp_path):
 
 def test_a_model_channel_without_a_usable_model_is_refused_with_a_sentence(tmp_path):
     from sm_effdet.errors import UserInputError
-    from sm_effdet.warm_start import read_previous_model
+    from sm_effdet.training.warm_start import read_previous_model
 
     channel = tmp_path / "model"
     channel.mkdir()

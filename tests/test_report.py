@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import FAST, REPO, run_train, write_tree
 
-from sm_effdet import coco_eval, report
-from sm_effdet.formats import DataReport
+from sm_effdet.data.formats import DataReport
+from sm_effdet.evaluation import coco_eval, report
 
 PLOTS = ("training_curves", "pr_curves", "confusion_matrix", "box_sizes", "predictions")
 

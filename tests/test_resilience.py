@@ -13,7 +13,7 @@ import numpy as np
 from conftest import FAST, failure_text, model_files, run_train, start_train, write_tree
 from PIL import Image
 
-from sm_effdet.checkpoints import list_checkpoints
+from sm_effdet.training.checkpoints import list_checkpoints
 
 
 def read_until(process: subprocess.Popen, pattern: str, timeout: float = 400) -> list[str]:

@@ -214,14 +214,14 @@ def test_validation_and_server_see_the_same_large_jpeg(server, trained_model, tm
     import torch
     from safetensors.torch import load_file
 
-    from sm_effdet.data import DetectionDataset, collate
+    from sm_effdet.data.dataset import DetectionDataset, collate
+    from sm_effdet.data.formats import DataReport, ImageRecord
+    from sm_effdet.data.transforms import eval_transform
     from sm_effdet.demo import draw_shapes_image
-    from sm_effdet.formats import DataReport, ImageRecord
     from sm_effdet.hyperparameters import parse_hyperparameters
-    from sm_effdet.lightning_module import EfficientDetModule
-    from sm_effdet.model import build_model
-    from sm_effdet.preprocessing import backbone_normalization
-    from sm_effdet.transforms import eval_transform
+    from sm_effdet.model.efficientdet import build_model
+    from sm_effdet.model.preprocessing import backbone_normalization
+    from sm_effdet.training.lightning_module import EfficientDetModule
 
     image, _ = draw_shapes_image(random.Random(5), 1600, 1200)
     path = tmp_path / "large.jpg"

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import FAST, failure_text, model_files, run_train, start_train, write_tree
 
-from sm_effdet import artifacts
-from sm_effdet.artifacts import non_finite_tensors, strict_json
-from sm_effdet.checkpoints import list_checkpoints
+from sm_effdet.model import artifacts
+from sm_effdet.model.artifacts import non_finite_tensors, strict_json
+from sm_effdet.training.checkpoints import list_checkpoints
 
 MODEL = sorted(artifacts.MODEL_FILES)
 

@@ -14,7 +14,7 @@ import torch
 from conftest import FAST, REPO, failure_text, model_files, run_train, write_tree
 from PIL import Image
 
-from sm_effdet.metrics_log import METRICS, metric_definitions
+from sm_effdet.training.metrics_log import METRICS, metric_definitions
 
 MODEL_FILES = ["inference.py", "model.json", "model.safetensors", "model_card.py", "preprocessing.py"]
 

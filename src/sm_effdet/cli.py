@@ -8,11 +8,11 @@ import sys
 import traceback
 import warnings
 
-from .artifacts import remove_partial_model
 from . import stops
 from .environment import check_writable, paths_from_env, read_environment
 from .errors import JobError, JobStopped, failure_reason, write_failure
 from .hyperparameters import parse_hyperparameters
+from .model.artifacts import remove_partial_model
 
 log = logging.getLogger("sm_effdet")
 
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         env = read_environment(paths)
         hp = parse_hyperparameters(env.hyperparameters)
         check_writable(env.paths, env.checkpoint_dir)
-        from .job import run_job  # torch, Lightning and Icevision load only past these checks
+        from .training.job import (
+            run_job,  # torch, Lightning and Icevision load only past these checks
+        )
 
         run_job(env, hp)
     except (Exception, KeyboardInterrupt, JobStopped) as exc:

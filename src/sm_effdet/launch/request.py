@@ -389,7 +389,7 @@ def local_channels(args: argparse.Namespace) -> dict[str, str]:
 def check_local_data(channels: dict[str, str], hyperparameters: dict[str, str], out=sys.stdout) -> None:
     """Read the local training (and validation) folders with the job's own reader, images not
     opened, and print its data report summary: a dataset the job would refuse is refused here."""
-    from ..formats import DataReport, read_dataset
+    from ..data.formats import DataReport, read_dataset
     from ..hyperparameters import parse_hyperparameters
 
     local = {}

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..preprocessing import ImageDecodeError
+from ..model.preprocessing import ImageDecodeError
 from . import decoding, formats
 from .batching import Batcher, model_thread
 from .predictor import ModelLoadError, Predictor

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import inference, model_card, preprocessing
-from ..artifacts import ONNX_FILE
+from ..model import inference, model_card, preprocessing
+from ..model.artifacts import ONNX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Predictor:
             self.model, _ = inference.load_model(model_dir, str(self.device))
             non_finite = _first_non_finite(self.model.model)
             if self.backend == "onnx":
-                from ..export import OnnxEfficientDet
+                from ..model.export import OnnxEfficientDet
 
                 # The same effdet bench (anchors, decoding, NMS) around ONNX Runtime's network.
                 self.model.model = OnnxEfficientDet(model_dir / ONNX_FILE, device=self.device.type)

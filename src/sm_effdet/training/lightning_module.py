@@ -15,12 +15,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from . import coco_eval, stops
-from .backbones import BACKBONES
-from .errors import UserInputError
-from .formats import DataReport
-from .hyperparameters import Hyperparameters
-from .preprocessing import backbone_normalization, normalize
+from .. import stops
+from ..backbones import BACKBONES
+from ..data.formats import DataReport
+from ..errors import UserInputError
+from ..evaluation import coco_eval
+from ..hyperparameters import Hyperparameters
+from ..model.preprocessing import backbone_normalization, normalize
 
 log = logging.getLogger(__name__)
 

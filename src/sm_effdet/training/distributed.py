@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
-from .environment import TrainingEnvironment
-from .errors import UserInputError
+from ..environment import TrainingEnvironment
+from ..errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .. import stops
-from ..errors import UserInputError, shorten
+from ... import stops
+from ...errors import UserInputError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class DataReport:
         return f"data: {listed}; " + ", ".join(f"{k}={v}" for k, v in problems.items())
 
     def write(self, path: Path) -> None:
-        from ..artifacts import atomic_write_text
+        from ...model.artifacts import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 

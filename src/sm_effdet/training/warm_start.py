@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .artifacts import non_finite_tensors
-from .backbones import BACKBONES
-from .errors import UserInputError
-from .model import WEIGHT_SUFFIXES, read_state_dict
-from .model_card import METADATA_FILE, ModelCardError, file_inside, read_model_card
+from ..backbones import BACKBONES
+from ..errors import UserInputError
+from ..model.artifacts import non_finite_tensors
+from ..model.efficientdet import WEIGHT_SUFFIXES, read_state_dict
+from ..model.model_card import METADATA_FILE, ModelCardError, file_inside, read_model_card
 
 log = logging.getLogger(__name__)
 

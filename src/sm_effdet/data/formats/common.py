@@ -14,7 +14,7 @@ import stat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..errors import UserInputError, shorten
+from ...errors import UserInputError, shorten
 from .coco import Category, CocoData, DataReport, coco_records, require_regular_file
 
 # The image files the readers look for (by extension, case-insensitive).

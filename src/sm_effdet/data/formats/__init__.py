@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserInputError, shorten
-from ..hyperparameters import Hyperparameters
+from ...errors import UserInputError, shorten
+from ...hyperparameters import Hyperparameters
 from . import builtin, coco, createml, groundtruth, voc, yolo
 from .coco import MAX_IMAGE_PIXELS, Category, CocoData, DataReport, ImageRecord
 from .common import Boundary

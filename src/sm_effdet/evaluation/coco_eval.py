@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .formats import ImageRecord
+from ..data.formats import ImageRecord
 
 # Detections below this score are left out of evaluation, as COCO evaluation usually does.
 MIN_SCORE = 0.001

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import UserInputError, shorten
+from ...errors import UserInputError, shorten
 from .groundtruth import METADATA_SUFFIX, SOURCE_REF
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from ..data.formats import Category, DataReport, ImageRecord
 from . import coco_eval
-from .formats import Category, DataReport, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def draw_mosaic(records: list[ImageRecord], outcome: BestOutcome, names: list[st
     recommended threshold in red, each with its class name; an RGB uint8 array."""
     from PIL import Image, ImageDraw
 
-    from .data import ImageLoadError, load_image
+    from ..data.dataset import ImageLoadError, load_image
 
     chosen = list(range(min(MOSAIC_IMAGES, len(records))))
     columns = min(4, max(len(chosen), 1))

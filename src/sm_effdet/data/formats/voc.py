@@ -18,8 +18,8 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from ..errors import UserInputError, shorten
-from ..hyperparameters import Hyperparameters
+from ...errors import UserInputError, shorten
+from ...hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport
 from .common import (
     Boundary,

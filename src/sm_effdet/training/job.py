@@ -13,20 +13,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, model_card, stops
-from .artifacts import remove_partial_model
-from .backbones import BACKBONES
-from .distributed import FailureWatchdog, Layout, plan_layout, set_rendezvous
-from .environment import (
+from .. import stops
+from ..backbones import BACKBONES
+from ..data.formats import REPORT_FILE, Category, DataReport, ImageRecord, read_dataset
+from ..data.formats.pipe import cache_pipe_channels
+from ..environment import (
     PRETRAINED_CHANNEL,
     Paths,
     TrainingEnvironment,
 )
-from .errors import JobStopped, UserInputError, failure_reason, write_failure
-from .formats import REPORT_FILE, Category, DataReport, ImageRecord, read_dataset
-from .formats.pipe import cache_pipe_channels
-from .hyperparameters import Hyperparameters
-from .preprocessing import backbone_normalization
+from ..errors import JobStopped, UserInputError, failure_reason, write_failure
+from ..hyperparameters import Hyperparameters
+from ..model import artifacts, model_card
+from ..model.artifacts import remove_partial_model
+from ..model.preprocessing import backbone_normalization
+from .distributed import FailureWatchdog, Layout, plan_layout, set_rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,8 @@ def _loaders(
     hp: Hyperparameters, settings: dict[str, Any], train_records: list[ImageRecord],
     val_records: list[ImageRecord],
 ) -> tuple[Any, Any]:
-    from .data import DetectionDataset, make_loader
-    from .transforms import eval_transform, train_transform
+    from ..data.dataset import DetectionDataset, make_loader
+    from ..data.transforms import eval_transform, train_transform
 
     workers, pin = settings["workers"], settings["pin"]
     fill = backbone_normalization(BACKBONES[hp.backbone])["fill"]
@@ -255,9 +256,9 @@ def _model(
     env: TrainingEnvironment, hp: Hyperparameters, categories: list[Category],
     val_records: list[ImageRecord], report: DataReport, start: str,
 ) -> Any:
-    from . import coco_eval
+    from ..evaluation import coco_eval
+    from ..model.efficientdet import build_model
     from .lightning_module import EfficientDetModule
-    from .model import build_model
     from .warm_start import MODEL_CHANNEL, load_backbone_weights, warm_start
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
@@ -291,10 +292,10 @@ def _callbacks(
     """The epoch line, the choice of the best weights, checkpoints, TensorBoard, early stopping."""
     import lightning as L
 
+    from ..evaluation.report import BestEvaluation, TrainingScalars, tensorboard_logger
     from .best_model import BestModel
     from .checkpoints import ResumableCheckpoints
     from .metrics_log import EpochSummary
-    from .report import BestEvaluation, TrainingScalars, tensorboard_logger
 
     monitor = hp.monitor if has_validation else None
     summary = EpochSummary(hp.epochs)
@@ -418,7 +419,7 @@ def _write_report(
     run: TrainingCallbacks, outcome: Any,
 ) -> None:
     """output/data/report/ and the TensorBoard mosaic; report.write_report never raises."""
-    from .report import REPORT_DIR, write_report
+    from ..evaluation.report import REPORT_DIR, write_report
 
     write_report(
         env.paths.output_data_dir / REPORT_DIR, outcome, categories, train_records, val_records,
@@ -430,7 +431,7 @@ def write_model_with_onnx(
     model_dir: Path, state: dict[str, Any], metadata: dict[str, Any], hp: Hyperparameters
 ) -> list[Path]:
     """model/ as artifacts.write_model writes it, plus model.onnx when the export works."""
-    from .export import export_for_job
+    from ..model.export import export_for_job
 
     model_dir.mkdir(parents=True, exist_ok=True)
     # Exported inside model/ under the staging prefix: a kill leaves nothing a retry keeps.
@@ -444,7 +445,7 @@ def write_model_with_onnx(
 def _summarise_best(best_evaluation: Any, val_gt: Any, categories: Any, metadata: dict) -> Any:
     """The best epoch's per-class table (logged) and numbers (into model.json); an error here
     is logged and leaves them out rather than failing a job that trained."""
-    from . import report as report_module
+    from ..evaluation import report as report_module
 
     try:
         outcome = report_module.summarise_best(best_evaluation, val_gt, categories)

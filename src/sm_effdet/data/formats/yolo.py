@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserInputError, shorten
-from ..hyperparameters import Hyperparameters
+from ...errors import UserInputError, shorten
+from ...hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport, safe_join
 from .common import (
     Boundary,

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import stops
-from .artifacts import atomic_write_bytes
-from .errors import UserInputError
+from .. import stops
+from ..errors import UserInputError
+from ..model.artifacts import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 log = logging.getLogger("sm_effdet.metrics")
 

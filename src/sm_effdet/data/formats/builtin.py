@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserInputError, shorten
-from ..hyperparameters import Hyperparameters
+from ...errors import UserInputError, shorten
+from ...hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport, is_valid_id, read_json_file, safe_join
 from .common import Boundary, records, walk_files
 

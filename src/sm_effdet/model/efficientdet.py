@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .backbones import BACKBONES
-from .errors import UserInputError
+from ..backbones import BACKBONES
+from ..errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserInputError, shorten
-from ..hyperparameters import Hyperparameters
+from ...errors import UserInputError, shorten
+from ...hyperparameters import Hyperparameters
 from .coco import Category, CocoData, DataReport, _first_char, read_json_file, safe_join
 from .common import Boundary, categories_by_name, image_size, records, relative
 from .voc import SPLIT_FOLDERS, split_by_folder

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import preprocessing
+from ..model import preprocessing
 from .formats import MAX_IMAGE_PIXELS, ImageRecord
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from . import preprocessing
+from ..model import preprocessing
 
 
 def _bbox_params(min_visibility: float = 0.0) -> A.BboxParams:

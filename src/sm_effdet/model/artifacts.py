@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import stops
+from .. import stops
 
 if TYPE_CHECKING:
     import torch
