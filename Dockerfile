@@ -32,9 +32,9 @@ LABEL org.opencontainers.image.title="sm-effdet" \
       sm-effdet.torch.version="2.10.0+cu128" \
       sm-effdet.driver.minimum="525 (CUDA 12 minor-version compatibility; older data-centre drivers use cuda-compat)"
 
-# Python from the base's own packages (never a separate download); gcc and the Python headers
-# because sagemaker-training is a source package with a small C extension; ca-certificates for
-# downloads at run time (pretrained weights through urllib use the system store).
+# Python from the base's own packages (never a separate download); no compiler: every locked
+# package is a wheel for Linux x86-64 (docs/image.md); ca-certificates for downloads at run time
+# (pretrained weights through urllib use the system store).
 #
 # cuda-compat-12-8 (NVIDIA's apt repository, configured in the nvidia/cuda bases and usually
 # already installed there) provides /usr/local/cuda/compat. It is installed when the base's apt
@@ -46,7 +46,7 @@ ARG CUDA_COMPAT_PACKAGE=cuda-compat-12-8
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ca-certificates gcc libc6-dev python3 python3-dev python3-venv \
+        ca-certificates python3 python3-venv \
     && if apt-cache show "${CUDA_COMPAT_PACKAGE}" >/dev/null 2>&1; then \
            apt-get install -y --no-install-recommends "${CUDA_COMPAT_PACKAGE}"; \
        else \
@@ -64,10 +64,9 @@ RUN --mount=type=secret,id=ca_bundle \
 
 COPY --chmod=0755 scripts/entrypoint.sh /usr/local/bin/sm-effdet-entrypoint
 
-# /opt/program (this project's `train`) comes BEFORE /opt/venv/bin on PATH on purpose: the
-# sagemaker-training package installs a console script that is also named `train` (and it is
-# deleted below as well). With /opt/venv/bin before /usr/bin, `#!/usr/bin/env python3` is the
-# venv's Python.
+# /opt/program (this project's `train` and `serve`) comes first on PATH: SageMaker runs
+# `docker run <image> train|serve` and no package's console script may shadow them. With
+# /opt/venv/bin before /usr/bin, `#!/usr/bin/env python3` is the venv's Python.
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/program:/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
@@ -89,8 +88,6 @@ EXPOSE 8080
 # - matplotlib's font cache is built now rather than at every job start.
 # - a .pth file puts /opt/program/src on sys.path (`python -m sm_effdet...` works in the image;
 #   `train` puts it there itself too).
-# - the toolkit's `train` console script is removed: this image never uses its launcher, and no
-#   PATH order can then pick it by mistake.
 COPY pyproject.toml uv.lock ./
 RUN --mount=type=secret,id=ca_bundle \
     --mount=type=cache,target=/root/.cache/uv \
@@ -101,8 +98,7 @@ RUN --mount=type=secret,id=ca_bundle \
     && mkdir -p /root/.icevision/fonts \
     && cp "${site_packages}/matplotlib/mpl-data/fonts/ttf/DejaVuSans.ttf" /root/.icevision/fonts/SpaceGrotesk-Medium.ttf \
     && /opt/venv/bin/python -c 'import matplotlib.font_manager' \
-    && echo /opt/program/src > "${site_packages}/sm_effdet_src.pth" \
-    && rm -f /opt/venv/bin/train
+    && echo /opt/program/src > "${site_packages}/sm_effdet_src.pth"
 
 # The project itself: only these change from one source edit to the next.
 COPY --chmod=0755 train ./train

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the training image WITHOUT a Docker engine (buildah, vfs storage, chroot isolation; see
 # shared/docs/building-images-here.md) and checks it the way SageMaker uses it:
-#   (a) `train` on the image's PATH is this project's script, not the toolkit's console script;
+#   (a) `train` and `serve` on the image's PATH are this project's scripts;
 #       python3 is the venv's; the entry point exec's (no shell left between it and Python);
 #   (b) `<ENTRYPOINT> train` on a generated /opt/ml tree exits 0 and writes model/model.json;
 #   (c) a misspelt hyperparameter makes it exit non-zero with output/failure naming the key;
