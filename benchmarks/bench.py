@@ -135,15 +135,16 @@ def child_job_dataset(channel: str) -> dict:
     # Imports are timed apart: a fixed cost, the same for ten images or a million.
     started = time.perf_counter()
     from sm_effdet.data.dataset import DetectionDataset
-    from sm_effdet.data.formats import coco
+    from sm_effdet.data.formats import DataReport, coco
+    from sm_effdet.data.formats.split import split_records
     from sm_effdet.data.transforms import train_transform
 
     imports = time.perf_counter() - started
     started = time.perf_counter()
     channel_path = Path(channel)
-    report = coco.DataReport()
+    report = DataReport()
     data = coco.load_coco(channel_path, channel_path / "annotations.json", report)
-    train, val = coco.split_records(data.images, split_file=None, val_fraction=0.2, seed=0, report=report)
+    train, val = split_records(data.images, split_file=None, val_fraction=0.2, seed=0, report=report)
     DetectionDataset(train, train_transform(512, augment=True), 512)
     return {"seconds": time.perf_counter() - started, "imports": imports, "images": len(train) + len(val)}
 
@@ -415,7 +416,7 @@ def images_per_second(iterate, n_images: int) -> float:
 
 def input_pipeline(work: Path, n: int, batch: int) -> list[str]:
     from sm_effdet.data.dataset import DetectionDataset, make_loader
-    from sm_effdet.data.formats import coco
+    from sm_effdet.data.formats import DataReport, coco
     from sm_effdet.data.transforms import train_transform
     from sm_effdet.model.efficientdet import ensure_icevision_font
 
@@ -427,7 +428,7 @@ def input_pipeline(work: Path, n: int, batch: int) -> list[str]:
     lines = []
     for width, height in ((640, 480), (1920, 1080)):
         folder = jpeg_set(work / f"jpeg-{width}", width, height, n)
-        records = coco.load_coco(folder, folder / "annotations.json", coco.DataReport()).images
+        records = coco.load_coco(folder, folder / "annotations.json", DataReport()).images
         ours_loader = make_loader(
             DetectionDataset(records, train_transform(512, augment=True), 512), batch, 0,
             shuffle=False, pin_memory=False,
@@ -462,7 +463,7 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
     import torch
 
     from sm_effdet.data.dataset import DetectionDataset, make_loader
-    from sm_effdet.data.formats import coco
+    from sm_effdet.data.formats import DataReport, coco
     from sm_effdet.data.transforms import train_transform
     from sm_effdet.model.efficientdet import build_model
     from sm_effdet.model.preprocessing import backbone_normalization, normalize
@@ -470,7 +471,7 @@ def end_to_end(work: Path, img_size: int, batch: int, steps: int) -> list[str]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = jpeg_set(work / "e2e", 640, 480, batch * (steps + 2) * 2)  # a third is dropped
-    records = coco.load_coco(folder, folder / "annotations.json", coco.DataReport()).images
+    records = coco.load_coco(folder, folder / "annotations.json", DataReport()).images
     loader = make_loader(
         DetectionDataset(records, train_transform(img_size, augment=True), img_size),
         batch, resolve_num_workers("auto"), shuffle=True, pin_memory=device.type == "cuda",

@@ -373,12 +373,12 @@ def part_loader(check: Check) -> dict:
     import torch
 
     from sm_effdet.data.dataset import DetectionDataset, make_loader
-    from sm_effdet.data.formats import coco
+    from sm_effdet.data.formats import DataReport, coco
     from sm_effdet.data.transforms import train_transform
 
     sizes, device = check.sizes, check.sizes.device
     channel = dataset(check)
-    records = coco.load_coco(channel, channel / "annotations.json", coco.DataReport()).images
+    records = coco.load_coco(channel, channel / "annotations.json", DataReport()).images
     step, precision = synthetic_step("tf_lite0", sizes.img_size, sizes.loop_batch, device)
     step()
     out = {"backbone": "tf_lite0", "batch_size": sizes.loop_batch, "precision": precision}

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sm_effdet.data.formats import DataReport, coco
+from sm_effdet.data.formats import CocoData, DataReport, coco
+from sm_effdet.data.formats.image_records import safe_join
+from sm_effdet.data.formats.split import split_records
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.environment import Paths, read_environment
 from sm_effdet.errors import UserInputError
@@ -15,7 +17,7 @@ from sm_effdet.hyperparameters import parse_hyperparameters
 from sm_effdet.training.job import prepare_data
 
 
-def load(channel: Path, name: str = "annotations.json") -> tuple[coco.CocoData, DataReport]:
+def load(channel: Path, name: str = "annotations.json") -> tuple[CocoData, DataReport]:
     report = DataReport()
     return coco.load_coco(channel, channel / name, report), report
 
@@ -119,17 +121,17 @@ def test_problems_are_fixed_or_skipped_and_counted(tmp_path):
 
 
 def test_safe_join_refuses_escapes(tmp_path):
-    assert coco.safe_join(tmp_path, "a/b.jpg") == tmp_path / "a" / "b.jpg"
+    assert safe_join(tmp_path, "a/b.jpg") == tmp_path / "a" / "b.jpg"
     for bad in ("../x.jpg", "a/../../x.jpg", "/abs.jpg", "..", "", "a\\..\\x.jpg"):
-        assert coco.safe_join(tmp_path, bad) is None
+        assert safe_join(tmp_path, bad) is None
 
 
 def test_random_split_is_seeded_and_disjoint(tmp_path):
     make_shapes_dataset(tmp_path, n_images=20)
     data, report = load(tmp_path)
-    train, val = coco.split_records(data.images, split_file=None, val_fraction=0.25, seed=5, report=report)
-    again, _ = coco.split_records(data.images, split_file=None, val_fraction=0.25, seed=5, report=report)
-    other, _ = coco.split_records(data.images, split_file=None, val_fraction=0.25, seed=6, report=report)
+    train, val = split_records(data.images, split_file=None, val_fraction=0.25, seed=5, report=report)
+    again, _ = split_records(data.images, split_file=None, val_fraction=0.25, seed=5, report=report)
+    other, _ = split_records(data.images, split_file=None, val_fraction=0.25, seed=6, report=report)
     assert len(val) == 5 and len(train) == 15
     assert {r.image_id for r in train}.isdisjoint({r.image_id for r in val})
     assert [r.image_id for r in train] == [r.image_id for r in again]

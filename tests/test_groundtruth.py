@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from conftest import FAST, model_files, run_train
 
-from sm_effdet.data.formats import DataReport, coco, groundtruth, pipe, read_dataset
+from sm_effdet.data.formats import Category, DataReport, coco, groundtruth, pipe, read_dataset
+from sm_effdet.data.formats.image_records import coco_records
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.environment import Paths, read_input_data_config
 from sm_effdet.errors import UserInputError
@@ -217,7 +218,7 @@ def test_a_cached_stream_without_metadata_names_classes_by_id(tmp_path):
     records = read(folder).images
     assert [r.file_name for r in records] == ["000001.jpg", "000002.jpg", "000003.jpg"]
     assert [c.name for c in read(folder).categories] == ["3", "7", "12"]
-    expected = coco.coco_records(source_channel, data, source_channel / "x", DataReport()).images
+    expected = coco_records(source_channel, data, source_channel / "x", DataReport()).images
     for got, want in zip(records, expected):
         np.testing.assert_allclose(got.boxes, want.boxes, atol=0.5)
         assert (got.width, got.height) == (want.width, want.height)
@@ -262,8 +263,8 @@ def test_validation_manifest_matches_classes_by_name(tmp_path):
     report = DataReport()
     dataset = read_dataset({"training": train_channel, "validation": val_channel},
                            parse_hyperparameters({}), report)
-    val_coco = coco.coco_records(val_channel, val, val_channel / "x", DataReport(),
-                                 [coco.Category(c["id"], c["name"]) for c in train["categories"]])
+    val_coco = coco_records(val_channel, val, val_channel / "x", DataReport(),
+                            [Category(c["id"], c["name"]) for c in train["categories"]])
     expected = {r.file_name: r.labels.tolist() for r in val_coco.images}
     assert {r.file_name: r.labels.tolist() for r in dataset.val} == expected
     assert set(report.channels) == {"training", "validation"}

@@ -3,8 +3,8 @@
 `read_dataset` is the one entry point: the training job and the launcher's local data check
 call it, and neither knows which format it got. Every reader (one module per format, each with
 NAME, find and read) turns its files into COCO-shaped data and hands it to
-`coco.coco_records`, so that all formats share one validation, one data report and one split
-rule. Nothing here imports torch.
+`image_records.coco_records`, so that all formats share one validation and one data report;
+`split` holds the one split rule. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -17,8 +17,18 @@ from pathlib import Path
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
 from . import builtin, coco, createml, groundtruth, voc, yolo
-from .coco import MAX_IMAGE_PIXELS, Category, CocoData, DataReport, ImageRecord
 from .common import Boundary
+from .image_records import (
+    MAX_IMAGE_PIXELS,
+    Category,
+    CocoData,
+    DataReport,
+    ImageRecord,
+    check_num_classes,
+    check_same_categories,
+    safe_join,
+)
+from .split import split_by_ids, split_records
 
 __all__ = [
     "MAX_IMAGE_PIXELS", "REPORT_FILE", "Category", "DataReport", "Dataset", "ImageRecord",
@@ -129,7 +139,7 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
     training, validation = channels[training_name], channels.get(validation_name or "")
     split_path = None
     if hp.split_file:
-        split_path = coco.safe_join(training, hp.split_file)
+        split_path = safe_join(training, hp.split_file)
         if split_path is None or not split_path.is_file():
             raise UserInputError(
                 f"split_file '{hp.split_file}' was not found in the training channel {training}; "
@@ -138,10 +148,10 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
         Boundary(training).check(split_path, "split file")
     train_data, train_format = read_channel(training_name, training, hp, report)
     annotation_file = train_data.annotation_file
-    coco.check_num_classes(hp.num_classes, train_data.categories)
+    check_num_classes(hp.num_classes, train_data.categories)
 
     if split_path is not None:
-        train, val = coco.split_records(
+        train, val = split_records(
             train_data.images, split_file=split_path, val_fraction=0, seed=hp.seed, report=report
         )
         val_source = f"split file {split_path}"
@@ -150,20 +160,20 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
             validation_name, validation, hp, report, categories=train_data.categories
         )
         if train_format == val_format == "coco":
-            coco.check_same_categories(train_data.categories, annotation_file,
-                                       val_data.file_categories, val_data.annotation_file)
+            check_same_categories(train_data.categories, annotation_file,
+                                  val_data.file_categories, val_data.annotation_file)
         train, val = train_data.images, val_data.images
         report.split = {"how": "validation channel", "train": len(train), "val": len(val)}
         val_source = f"validation channel's {val_data.annotation_file}"
     elif train_data.split is not None:
         # The format's own split (VOC ImageSets, a data.yaml's train and val, split folders).
         split = train_data.split
-        train, val = coco.split_by_ids(
+        train, val = split_by_ids(
             train_data.images, split["train"], split["val"], split["how"], report
         )
         val_source = f"{train_data.split['how']} in {training}"
     else:
-        train, val = coco.split_records(
+        train, val = split_records(
             train_data.images, split_file=None, val_fraction=hp.val_fraction, seed=hp.seed,
             report=report,
         )

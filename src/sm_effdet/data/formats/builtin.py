@@ -14,8 +14,8 @@ from typing import Any
 
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
-from .coco import Category, CocoData, DataReport, is_valid_id, read_json_file, safe_join
-from .common import Boundary, records, walk_files
+from .common import Boundary, read_json_file, records, walk_files
+from .image_records import Category, CocoData, DataReport, is_valid_id, safe_join
 
 NAME = "builtin"
 ANNOTATION_SUFFIX = "_annotation"

@@ -1,5 +1,6 @@
-"""What every reader shares: finding images, the channel boundary for annotation files, class
-lists and matching classes by name, and the hand-over to `coco.coco_records`.
+"""What every reader shares: finding images, reading annotation files (regular files only, JSON
+and text with one-sentence errors), the channel boundary for them, class lists and matching
+classes by name, and the hand-over to `image_records.coco_records`.
 
 A reader builds COCO-shaped data in memory (images with file_name relative to the channel,
 width, height; annotations with bbox [x, y, w, h] in pixels; categories with id and name) and
@@ -8,14 +9,16 @@ calls `records`, so that every format gets COCO's validation and data report.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import stat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from ...errors import UserInputError, shorten
-from .coco import Category, CocoData, DataReport, coco_records, require_regular_file
+from .image_records import Category, CocoData, DataReport, coco_records
 
 # The image files the readers look for (by extension, case-insensitive).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -45,8 +48,8 @@ def relative(channel: Path, path: Path) -> str:
 
 class Boundary:
     """Whether annotation files lie inside the channel once symlinks are followed: the rule the
-    images follow (coco._check_image_path), for every file a reader opens. One lstat a file;
-    each folder on the way is resolved once."""
+    images follow (image_records._check_image_path), for every file a reader opens. One lstat a
+    file; each folder on the way is resolved once."""
 
     def __init__(self, channel: Path):
         self.root = os.path.realpath(channel).rstrip(os.sep) + os.sep
@@ -81,6 +84,45 @@ class Boundary:
             return True
         report.add("annotation_skipped_outside_channel", str(path))
         return False
+
+
+def require_regular_file(path: Path, what: str, kind: str = "file") -> None:
+    """A FIFO or a device would block the job forever on open: refuse it by its mode first."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserInputError(
+            f"{what} {path} is not a regular file (a pipe, device or folder); replace it with "
+            f"the {kind} itself."
+        )
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    try:
+        require_regular_file(path, what, "JSON file")
+        with open(path, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserInputError(
+            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}); fix or replace the file."
+        ) from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{what} {path} is not UTF-8 text; save it as UTF-8 JSON.") from None
+    except RecursionError:
+        raise UserInputError(
+            f"{what} {path} is nested too deeply to be read; give it the flat COCO layout."
+        ) from None
+    except OSError as exc:
+        raise UserInputError(
+            f"{what} {path} cannot be read ({exc.strerror or exc}); make it a readable file."
+        ) from None
+
+
+def first_char(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1].decode("latin-1")
+    except OSError:
+        return ""
 
 
 def read_text(path: Path, what: str) -> str:

@@ -12,8 +12,16 @@ from typing import Any
 
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
-from .coco import Category, CocoData, DataReport, _first_char, read_json_file, safe_join
-from .common import Boundary, categories_by_name, image_size, records, relative
+from .common import (
+    Boundary,
+    categories_by_name,
+    first_char,
+    image_size,
+    read_json_file,
+    records,
+    relative,
+)
+from .image_records import Category, CocoData, DataReport, safe_join
 from .voc import SPLIT_FOLDERS, split_by_folder
 
 NAME = "createml"
@@ -26,7 +34,7 @@ def find(channel: Path) -> list[Path]:
     for folder in (channel, *(channel / s for s in SPLIT_FOLDERS)):
         if folder.is_dir():
             found += [p for p in sorted(folder.glob("*.json"))
-                      if p.name.endswith(".createml.json") or (folder == channel and _first_char(p) == "[")]
+                      if p.name.endswith(".createml.json") or (folder == channel and first_char(p) == "[")]
     return found
 
 

@@ -2,10 +2,10 @@
 
 Each line names an image by `source-ref` (an s3:// URI) and holds the boxes under a label
 attribute the labelling job named, with `image_size` (so no image is opened) and a per-line
-`class-map` in `<attribute>-metadata`. The lines become one COCO dict that `coco.coco_records`
-validates and counts like any COCO file. In File and FastFile mode the images sit in the channel
-beside the manifest: a `source-ref` is found by its path below the manifest's common S3 prefix,
-else by its file name when exactly one file in the channel has it.
+`class-map` in `<attribute>-metadata`. The lines become one COCO dict that
+`image_records.coco_records` validates and counts like any COCO file. In File and FastFile mode
+the images sit in the channel beside the manifest: a `source-ref` is found by its path below the
+manifest's common S3 prefix, else by its file name when exactly one file in the channel has it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
-from . import coco
-from .coco import ANNOTATIONS_FOLDER, Category, CocoData, DataReport
+from .coco import ANNOTATIONS_FOLDER
+from .image_records import Category, CocoData, DataReport, coco_records, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def read(
         if categories is not None:
             _match_by_name(data, categories)
         _resolve_file_names(channel, data, manifest, report)
-        return coco.coco_records(channel, data, manifest, report, categories, image_root=channel)
+        return coco_records(channel, data, manifest, report, categories, image_root=channel)
     finally:
         if collecting:
             gc.enable()
@@ -73,7 +73,7 @@ def read(
 
 def _manifest(channel: Path, annotations_file: str | None) -> Path:
     if annotations_file:
-        path = coco.safe_join(channel, annotations_file)
+        path = safe_join(channel, annotations_file)
         if path is None or not path.is_file():
             raise UserInputError(
                 f"annotations_file '{shorten(annotations_file)}' was not found in {channel}; "
@@ -300,7 +300,7 @@ def _resolve_file_names(channel: Path, data: dict, manifest: Path, report: DataR
     for entry in data["images"]:
         relative = entry["id"][len(prefix):]
         entry["file_name"] = relative
-        if coco.safe_join(channel, relative) is None:
+        if safe_join(channel, relative) is None:
             continue  # coco_records refuses and counts it
         if os.path.lexists(os.path.join(root, relative)):
             continue

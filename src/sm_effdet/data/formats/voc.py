@@ -20,7 +20,6 @@ from defusedxml import DefusedXmlException
 
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
-from .coco import Category, CocoData, DataReport
 from .common import (
     Boundary,
     categories_by_name,
@@ -35,6 +34,7 @@ from .common import (
     relative,
     walk_files,
 )
+from .image_records import Category, CocoData, DataReport
 
 NAME = "voc"
 # Roboflow's split folders, and what each is used for.

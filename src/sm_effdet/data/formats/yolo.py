@@ -24,7 +24,6 @@ import yaml
 
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
-from .coco import Category, CocoData, DataReport, safe_join
 from .common import (
     Boundary,
     find_class_list,
@@ -38,6 +37,7 @@ from .common import (
     relative,
     walk_files,
 )
+from .image_records import Category, CocoData, DataReport, safe_join
 from .voc import split_by_folder
 
 NAME = "yolo"
