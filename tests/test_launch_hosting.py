@@ -1,4 +1,5 @@
-"""`sm-effdet tune`, `deploy` and `transform` (launch/tuning.py, launch/hosting.py).
+"""`sm-effdet tune`, `deploy` and `transform` (launch/tuning.py, deploy.py, transform.py and
+hosting.py, what the last two share).
 
 What is real and what is emulated:
 - Every request is checked against botocore's own SageMaker service model (offline, real).
@@ -30,7 +31,7 @@ import pytest
 from botocore.validate import validate_parameters
 
 from sm_effdet.errors import UserInputError
-from sm_effdet.launch import hosting, tuning
+from sm_effdet.launch import deploy, hosting, transform, tuning
 from sm_effdet.launch.upload import split_s3
 from sm_effdet.launch.validation import check_request, service_model
 
@@ -278,7 +279,7 @@ def test_model_endpoint_config_endpoint_and_transform_requests_are_valid():
     assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
     botocore_valid("CreateEndpoint", hosting.endpoint_request("ep", "ep-20261203-074500"))
     botocore_valid("UpdateEndpoint", hosting.update_endpoint_request("ep", "ep-20261203-080000"))
-    invoke = hosting.invoke_request("ep", hosting.generated_png(), "image/png")
+    invoke = hosting.invoke_request("ep", deploy.generated_png(), "image/png")
     validate_parameters(invoke, service_model("sagemaker-runtime").operation_model("InvokeEndpoint").input_shape)
     images = hosting.transform_request(
         "tj1", model_name="m1", input_uri=f"s3://{BUCKET}/images/", output_uri=f"s3://{BUCKET}/detections/",
@@ -321,7 +322,7 @@ def test_resource_names_fit_and_env_pairs():
 def test_the_generated_image_is_a_real_png():
     from PIL import Image
 
-    body, content_type, _ = hosting.sample_image(None)
+    body, content_type, _ = deploy.sample_image(None)
     image = Image.open(io.BytesIO(body))
     image.load()
     assert content_type == "image/png" and image.size == (256, 256) and image.mode == "RGB"
@@ -369,7 +370,9 @@ def completed_job(clients, name: str = "sm-effdet-tf-lite0-20261203-074500") -> 
 
 def parsed(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sm-effdet")
-    hosting.add_commands(parser.add_subparsers(dest="command", required=True))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    deploy.add_commands(subparsers)
+    transform.add_commands(subparsers)
     return parser.parse_args(argv)
 
 

@@ -26,16 +26,9 @@ from test_serve import Server
 
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.errors import UserInputError
-from sm_effdet.launch.local import (
-    LocalJob,
-    check_local_request,
-    docker_command,
-    download_manifest,
-    download_prefix,
-    job_environment,
-    run_local,
-    write_config_files,
-)
+from sm_effdet.launch.local import check_local_request, docker_command, run_local
+from sm_effdet.launch.local_transfer import download_manifest, download_prefix
+from sm_effdet.launch.local_tree import LocalJob, job_environment, write_config_files
 from sm_effdet.launch.validation import check_request
 
 BUCKET = "sm-effdet-local-test"

@@ -14,7 +14,12 @@ import sys
 from ..errors import JobError, UserInputError
 
 # Each module has add_commands(subparsers); each subparser sets run=callable(args) -> int.
-COMMAND_MODULES = ("sm_effdet.launch.jobs", "sm_effdet.launch.tuning", "sm_effdet.launch.hosting")
+COMMAND_MODULES = (
+    "sm_effdet.launch.jobs",
+    "sm_effdet.launch.tuning",
+    "sm_effdet.launch.deploy",
+    "sm_effdet.launch.transform",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,9 @@ real job would put them, `<S3OutputPath>/<TrainingJobName>/output/`, and the che
 TensorBoard events are synced up. So a request can be tried before paying for it.
 
 Local mode runs one host: a request for several instances is refused rather than faked.
+
+Here: the checks, running train and what comes afterwards, and `run_local`, which tells the
+whole run; the tree is made by local_tree.py, the files move through local_transfer.py.
 """
 
 from __future__ import annotations
@@ -21,22 +24,34 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from ..errors import UserInputError, shorten
-from .upload import split_s3
+from .local_transfer import (
+    default_s3_client,
+    join_uri,
+    local_path_of,
+    put_file,
+    s3_uris,
+    sync_up,
+    uri_scheme,
+)
+from .local_tree import (
+    CONTAINER_BASE,
+    LocalJob,
+    fetch_channels,
+    fetch_checkpoints,
+    job_environment,
+    new_tree,
+    write_config_files,
+)
 from .validation import check_request
 
-CONTAINER_BASE = "/opt/ml"
 REPO = Path(__file__).resolve().parents[3]
-HOST = "algo-1"
-# SageMaker's name for the instance group of a job that gives no InstanceGroups.
-GROUP = "homogeneousCluster"
 # What a stand-in for a local URI looks like while the rest of the request is validated.
 STAND_IN_BUCKET = "local-file"
 # The job's shared memory: Docker's default (64 MB) is too small for PyTorch's data loaders;
@@ -59,8 +74,9 @@ def _with_stand_ins(request: Mapping[str, Any]) -> dict:
     request = copy.deepcopy(dict(request))
 
     def stand_in(holder: dict | None, key: str) -> None:
-        if holder and isinstance(holder.get(key), str) and _scheme(holder[key]) == "file":
-            holder[key] = f"s3://{STAND_IN_BUCKET}/" + _local_path(holder[key]).as_posix().lstrip("/")
+        if holder and isinstance(holder.get(key), str) and uri_scheme(holder[key]) == "file":
+            path = local_path_of(holder[key]).as_posix().lstrip("/")
+            holder[key] = f"s3://{STAND_IN_BUCKET}/" + path
 
     for channel in request.get("InputDataConfig") or []:
         stand_in(((channel or {}).get("DataSource") or {}).get("S3DataSource"), "S3Uri")
@@ -103,7 +119,7 @@ def refuse_unsupported(request: Mapping[str, Any]) -> None:
                 "give it an S3Prefix (a folder) instead."
             )
         _check_uri(source["S3Uri"], f"channel '{name}'")
-        if source["S3DataType"] == "ManifestFile" and _scheme(source["S3Uri"]) != "s3":
+        if source["S3DataType"] == "ManifestFile" and uri_scheme(source["S3Uri"]) != "s3":
             raise UserInputError(
                 f"channel '{name}' is a ManifestFile at {shorten(source['S3Uri'])}, which local "
                 "mode reads from S3 only; give the local folder itself as the channel."
@@ -124,322 +140,13 @@ def refuse_unsupported(request: Mapping[str, Any]) -> None:
 
 
 def _check_uri(uri: str, what: str) -> None:
-    if _scheme(uri) == "https":
+    if uri_scheme(uri) == "https":
         raise UserInputError(
             f"{what} is an https:// URL ({shorten(uri)}), which local mode does not read; "
             "write it as s3://BUCKET/KEY."
         )
-    if _scheme(uri) == "s3" and not urlparse(uri).netloc:
+    if uri_scheme(uri) == "s3" and not urlparse(uri).netloc:
         raise UserInputError(f"{what} ({shorten(uri)}) names no bucket; write it as s3://BUCKET/KEY.")
-
-
-# --- URIs: s3://, file:// and plain paths --------------------------------------------------------
-
-
-def _scheme(uri: str) -> str:
-    """'s3', 'https' or 'file' (a file:// URI or a plain local path)."""
-    scheme = urlparse(uri).scheme.lower()
-    return scheme if scheme in ("s3", "https") else "file"
-
-
-def _local_path(uri: str) -> Path:
-    if uri.lower().startswith("file://"):
-        return Path(unquote(urlparse(uri).path))
-    return Path(uri).expanduser().absolute()
-
-
-def _join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
-
-
-def _relative_key(key: str, folder: str) -> str | None:
-    """`key` relative to `folder`, or None for a folder marker or a key that would climb out."""
-    relative = key[len(folder):]
-    normal = os.path.normpath(relative) if relative else ""
-    if not relative or relative.endswith("/") or normal.startswith("..") or os.path.isabs(normal):
-        return None
-    return normal
-
-
-def download_prefix(s3, uri: str, dest: Path) -> int:
-    """Every object under the S3 prefix into `dest`, keeping the paths below the prefix's folder
-    (as SageMaker does: s3://b/data/training/ gives dest/a.jpg, s3://b/data/train gives
-    dest/train.../a.jpg). Returns the number of objects."""
-    bucket, prefix = split_s3(uri)
-    folder = prefix[: prefix.rfind("/") + 1]
-    count = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            relative = _relative_key(item["Key"], folder)
-            if relative is None:
-                continue
-            target = dest / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, item["Key"], str(target))
-            count += 1
-    return count
-
-
-def download_manifest(s3, uri: str, dest: Path) -> int:
-    """The objects a ManifestFile lists ([{"prefix": "s3://..."}, "relative/key", ...])."""
-    bucket, key = split_s3(uri)
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    try:
-        entries = json.loads(body)
-        prefix = entries[0]["prefix"]
-        relatives = entries[1:]
-        assert all(isinstance(r, str) for r in relatives) and isinstance(prefix, str)
-    except (ValueError, LookupError, TypeError, AssertionError):
-        raise UserInputError(
-            f"the manifest {shorten(uri)} is not a JSON list of a {{\"prefix\": \"s3://...\"}} "
-            "object and relative keys; fix it or give the channel an S3Prefix."
-        ) from None
-    source_bucket, source_prefix = split_s3(prefix)
-    for relative in relatives:
-        normal = _relative_key(relative, "")
-        if normal is None:
-            raise UserInputError(
-                f"the manifest {shorten(uri)} lists {shorten(relative)!r}, which is not a file "
-                "below its prefix; list relative keys only."
-            )
-        target = dest / normal
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(source_bucket, source_prefix + relative, str(target))
-    return len(relatives)
-
-
-def upload_folder(s3, folder: Path, uri: str, delete: bool = False) -> int:
-    """Every file under `folder` to the S3 prefix `uri`/; with `delete`, objects under the prefix
-    that `folder` no longer has are removed (SageMaker's checkpoint sync does so)."""
-    bucket, prefix = split_s3(_join(uri, ""))
-    keys = set()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        key = prefix + path.relative_to(folder).as_posix()
-        s3.upload_file(str(path), bucket, key)
-        keys.add(key)
-    if delete:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                if item["Key"] not in keys:
-                    s3.delete_object(Bucket=bucket, Key=item["Key"])
-    return len(keys)
-
-
-def put_file(s3, path: Path, uri: str) -> None:
-    if _scheme(uri) == "s3":
-        bucket, key = split_s3(uri)
-        s3.upload_file(str(path), bucket, key)
-    else:
-        target = _local_path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-
-
-def sync_up(s3, folder: Path, uri: str, delete: bool = False) -> int:
-    if _scheme(uri) == "s3":
-        return upload_folder(s3, folder, uri, delete)
-    target = _local_path(uri)
-    if delete and target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(folder, target, dirs_exist_ok=True)
-    return sum(1 for p in folder.rglob("*") if p.is_file())
-
-
-def sync_down(s3, uri: str, folder: Path) -> int:
-    folder.mkdir(parents=True, exist_ok=True)
-    if _scheme(uri) == "s3":
-        return download_prefix(s3, _join(uri, ""), folder)
-    source = _local_path(uri)
-    if not source.is_dir():
-        return 0
-    shutil.copytree(source, folder, dirs_exist_ok=True)
-    return sum(1 for p in folder.rglob("*") if p.is_file())
-
-
-# --- The tree ----------------------------------------------------------------------------------
-
-
-class LocalJob:
-    """One run of a request: where its tree is and how paths inside the container map to it."""
-
-    def __init__(self, request: Mapping[str, Any], tree: Path, image: str | None) -> None:
-        self.request = request
-        self.name = request["TrainingJobName"]
-        self.tree = tree
-        self.image = image
-        # Local folders given as channels, mounted read-only into the container (image mode).
-        self.mounts: list[tuple[Path, str]] = []
-
-    def container_path(self, path: str) -> str:
-        """A path as the job sees it: unchanged in the image; below the tree from the checkout,
-        where /opt/ml is `tree` (the SAGEMAKER_BASE_DIR train reads)."""
-        if self.image:
-            return path
-        return str(self.host_path(path))
-
-    def host_path(self, path: str) -> Path:
-        # refuse_unsupported has made sure that `path` lies under /opt/ml.
-        return self.tree / os.path.relpath(path, CONTAINER_BASE)
-
-    @property
-    def checkpoint_local_path(self) -> str:
-        return (self.request.get("CheckpointConfig") or {}).get("LocalPath") or f"{CONTAINER_BASE}/checkpoints"
-
-    @property
-    def tensorboard_local_path(self) -> str:
-        config = self.request.get("TensorBoardOutputConfig") or {}
-        return config.get("LocalPath") or f"{CONTAINER_BASE}/output/tensorboard"
-
-
-def new_tree(work_dir: Path | None, name: str) -> Path:
-    """A fresh, empty folder for the job's /opt/ml: never one a previous run has filled."""
-    base = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="sm-effdet-local-"))
-    tree = base / name
-    if tree.exists() and any(tree.iterdir()):
-        raise UserInputError(
-            f"{tree} already holds a job's files; give the job a new name or another work folder."
-        )
-    for folder in ("input/config", "input/data", "model", "output/data"):
-        (tree / folder).mkdir(parents=True, exist_ok=True)
-    return tree
-
-
-def input_data_config(request: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """inputdataconfig.json as SageMaker writes it: per channel its input mode, distribution
-    and record wrapping, and its content type when the request gives one."""
-    job_mode = request["AlgorithmSpecification"].get("TrainingInputMode", "File")
-    config = {}
-    for channel in request.get("InputDataConfig") or []:
-        source = channel["DataSource"]["S3DataSource"]
-        entry = {
-            "TrainingInputMode": channel.get("InputMode", job_mode),
-            "S3DistributionType": source.get("S3DataDistributionType", "FullyReplicated"),
-            "RecordWrapperType": channel.get("RecordWrapperType", "None"),
-        }
-        if channel.get("ContentType"):
-            entry["ContentType"] = channel["ContentType"]
-        config[channel["ChannelName"]] = entry
-    return config
-
-
-def resource_config(request: Mapping[str, Any]) -> dict[str, Any]:
-    """resourceconfig.json for the one host of a local run."""
-    resources = request.get("ResourceConfig") or {}
-    groups = resources.get("InstanceGroups") or []
-    group = groups[0]["InstanceGroupName"] if groups else GROUP
-    instance_type = groups[0]["InstanceType"] if groups else resources.get("InstanceType", "local")
-    return {
-        "current_host": HOST,
-        "current_instance_type": instance_type,
-        "current_group_name": group,
-        "hosts": [HOST],
-        "instance_groups": [
-            {"instance_group_name": group, "instance_type": instance_type, "hosts": [HOST]}
-        ],
-        "network_interface_name": "eth0",
-    }
-
-
-def write_config_files(job: LocalJob) -> None:
-    request, config = job.request, job.tree / "input" / "config"
-
-    def write(name: str, value: Any) -> None:
-        (config / name).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-
-    # The API takes strings only, so the file holds exactly the strings the request sends.
-    write("hyperparameters.json", dict(request.get("HyperParameters") or {}))
-    write("inputdataconfig.json", input_data_config(request))
-    write("resourceconfig.json", resource_config(request))
-    if request.get("CheckpointConfig"):
-        write("checkpointconfig.json", {
-            "LocalPath": job.container_path(job.checkpoint_local_path),
-            "S3Uri": request["CheckpointConfig"]["S3Uri"],
-        })
-
-
-def job_environment(job: LocalJob) -> dict[str, str]:
-    """What the platform sets in a training container (TRAINING_JOB_NAME, the request's
-    Environment), and the sagemaker-training toolkit's SM_* names scripts commonly read."""
-    base = job.container_path(CONTAINER_BASE)
-    channels = [c["ChannelName"] for c in job.request.get("InputDataConfig") or []]
-    env = {
-        "TRAINING_JOB_NAME": job.name,
-        "SM_MODEL_DIR": f"{base}/model",
-        "SM_OUTPUT_DATA_DIR": f"{base}/output/data",
-        "SM_INPUT_CONFIG_DIR": f"{base}/input/config",
-        "SM_CHANNELS": json.dumps(channels),
-        "SM_CURRENT_HOST": HOST,
-        "SM_HOSTS": json.dumps([HOST]),
-        "PYTHONUNBUFFERED": "1",
-        **{f"SM_CHANNEL_{c.upper()}": f"{base}/input/data/{c}" for c in channels},
-    }
-    if not job.image:
-        env["SAGEMAKER_BASE_DIR"] = base
-    env.update(job.request.get("Environment") or {})
-    return env
-
-
-def fetch_channels(job: LocalJob, s3, out: TextIO) -> None:
-    """Each channel into input/data/<name>: S3 objects downloaded (File and FastFile alike);
-    a local folder linked (from the checkout) or mounted read-only (in the image), never copied.
-    The link keeps the job inside that folder: train resolves a channel's real path and refuses
-    images whose real path lies outside it, as it does for any symlink in a channel."""
-    for channel in job.request.get("InputDataConfig") or []:
-        name = channel["ChannelName"]
-        source = channel["DataSource"]["S3DataSource"]
-        uri, target = source["S3Uri"], job.tree / "input" / "data" / name
-        if _scheme(uri) == "s3":
-            target.mkdir(parents=True, exist_ok=True)
-            if source["S3DataType"] == "ManifestFile":
-                count = download_manifest(s3, uri, target)
-            else:
-                count = download_prefix(s3, uri, target)
-            if not count:
-                raise UserInputError(
-                    f"channel '{name}' has no objects under {shorten(uri, 200)}; upload the data "
-                    "there or fix the channel's S3 URI."
-                )
-            print(f"channel {name}: {count} objects from {uri}", file=out, flush=True)
-            continue
-        folder = _local_path(uri)
-        if not folder.exists():
-            raise UserInputError(
-                f"channel '{name}' points to {shorten(str(folder), 200)}, which does not exist; "
-                "give an existing folder."
-            )
-        if job.image:
-            target.mkdir(parents=True, exist_ok=True)
-            mount_at = f"{CONTAINER_BASE}/input/data/{name}"
-            if folder.is_file():
-                mount_at += "/" + folder.name
-            job.mounts.append((folder.resolve(), mount_at))
-            how = f"mounted read-only at {mount_at}"
-        elif folder.is_file():
-            target.mkdir(parents=True, exist_ok=True)
-            (target / folder.name).symlink_to(folder.resolve())
-            how = f"linked as {target / folder.name}"
-        else:
-            target.symlink_to(folder.resolve(), target_is_directory=True)
-            how = f"linked as {target}"
-        print(f"channel {name}: {folder} {how}", file=out, flush=True)
-
-
-def s3_uris(request: Mapping[str, Any]) -> list[str]:
-    """Every URI of the request that local mode reads or writes."""
-    uris = [c["DataSource"]["S3DataSource"]["S3Uri"] for c in request.get("InputDataConfig") or []]
-    uris.append(request["OutputDataConfig"]["S3OutputPath"])
-    uris += [(request.get("CheckpointConfig") or {}).get("S3Uri")]
-    uris += [(request.get("TensorBoardOutputConfig") or {}).get("S3OutputPath")]
-    return [uri for uri in uris if uri and _scheme(uri) == "s3"]
-
-
-def default_s3_client():
-    """For a caller that passes no client (the CLI passes its own): the boto3 way, with
-    botocore's standard retry mode as the launcher's clients have."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(retries={"mode": "standard"}))
 
 
 # --- Running train -----------------------------------------------------------------------------
@@ -460,7 +167,8 @@ def python_with_torch() -> list[str]:
         return [uv, "run", "--frozen", "--project", str(REPO), "python"]
     raise UserInputError(
         "this Python has no torch, the checkout has no .venv and uv is not installed; run "
-        "`make install` (or `uv sync --frozen`) in the checkout, or give --image to train in the image."
+        "`make install` (or `uv sync --frozen`) in the checkout, or give --image to train in "
+        "the image."
     )
 
 
@@ -510,7 +218,8 @@ def run_streamed(command: list[str], env: Mapping[str, str], cwd: Path, out: Tex
     )
 
     def pass_on(signum, _frame) -> None:
-        print(f"local mode: passing {signal.Signals(signum).name} on to train", file=out, flush=True)
+        name = signal.Signals(signum).name
+        print(f"local mode: passing {name} on to train", file=out, flush=True)
         process.send_signal(signum)
 
     previous = {}
@@ -554,19 +263,19 @@ def make_archive(path: Path, members: list[tuple[Path, str]]) -> Path:
 
 def upload_results(job: LocalJob, code: int, s3) -> dict[str, str]:
     """model.tar.gz (a completed job only) and output.tar.gz at the real job's output path."""
-    output_uri = _join(job.request["OutputDataConfig"]["S3OutputPath"], job.name, "output")
+    output_uri = join_uri(job.request["OutputDataConfig"]["S3OutputPath"], job.name, "output")
     archives = job.tree / "archives"
     archives.mkdir(exist_ok=True)
     written = {}
     model = job.tree / "model"
     if code == 0 and any(model.iterdir()):
         path = make_archive(archives / "model.tar.gz", [(model, "")])
-        written["model"] = _join(output_uri, "model.tar.gz")
+        written["model"] = join_uri(output_uri, "model.tar.gz")
         put_file(s3, path, written["model"])
     output = job.tree / "output"
     members = [(output / "data", ""), (output / "failure", "failure")]
     path = make_archive(archives / "output.tar.gz", members)
-    written["output"] = _join(output_uri, "output.tar.gz")
+    written["output"] = join_uri(output_uri, "output.tar.gz")
     put_file(s3, path, written["output"])
     return written
 
@@ -577,12 +286,14 @@ def sync_afterwards(job: LocalJob, s3, out: TextIO) -> None:
         folder = job.host_path(job.checkpoint_local_path)
         if folder.is_dir():
             count = sync_up(s3, folder, checkpoint["S3Uri"], delete=True)
-            print(f"checkpoints: {count} files synced to {checkpoint['S3Uri']}", file=out, flush=True)
+            print(
+                f"checkpoints: {count} files synced to {checkpoint['S3Uri']}", file=out, flush=True
+            )
     tensorboard = job.request.get("TensorBoardOutputConfig")
     if tensorboard:
         folder = job.host_path(job.tensorboard_local_path)
         # Where SageMaker puts a job's events below the configured path.
-        uri = _join(tensorboard["S3OutputPath"], job.name, "tensorboard-output")
+        uri = join_uri(tensorboard["S3OutputPath"], job.name, "tensorboard-output")
         if folder.is_dir():
             count = sync_up(s3, folder, uri)
             print(f"tensorboard: {count} files to {uri}", file=out, flush=True)
@@ -640,11 +351,7 @@ def run_local(
     print(f"local job {job.name}: /opt/ml is {job.tree}", file=out, flush=True)
     write_config_files(job)
     fetch_channels(job, s3, out)
-    checkpoint = request.get("CheckpointConfig")
-    if checkpoint:
-        folder = job.host_path(job.checkpoint_local_path)
-        count = sync_down(s3, checkpoint["S3Uri"], folder)
-        print(f"checkpoints: {count} files from {checkpoint['S3Uri']}", file=out, flush=True)
+    fetch_checkpoints(job, s3, out)
     env = job_environment(job)
     command, process_env = train_command(job, env)
     print("local mode: " + " ".join(command), file=out, flush=True)
