@@ -55,7 +55,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.local:
         return run_train_local(args)
     s3 = client("s3")
-    request = prepare_training_request(args, s3=s3, out=sys.stdout)
+    request = prepare_training_request(args, s3=s3, ecr=lambda region: client("ecr", region),
+                                       out=sys.stdout)
     sagemaker = client("sagemaker")
     sagemaker.create_training_job(**request)
     job = request["TrainingJobName"]

@@ -12,16 +12,34 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError, shorten
+from .checks import (
+    MANIFEST_CHANNELS,
+    attribute_names,
+    check_flags,
+    check_folders,
+    check_instance_type,
+    check_job_choices,
+    check_local_data,
+    is_s3,
+)
+from .images import REPO_ROOT, REPOSITORY, check_image, check_image_pushed, default_image, git_tag
+from .upload import FolderListing
+
+__all__ = [
+    "REPOSITORY", "TrainingPlan", "add_job_arguments", "build_training_request", "carry_out",
+    "check_image", "default_image", "git_tag", "job_name", "metric_definitions",
+    "plan_training", "prepare_training_request", "read_hyperparameters",
+]
 
 PROJECT = "sm-effdet"
-REPOSITORY = "sm-effdet"
 DEFAULT_PREFIX = "sm-effdet"
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"
 DEFAULT_VOLUME_GB = 50
@@ -35,13 +53,7 @@ CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 TENSORBOARD_LOCAL_PATH = "/opt/ml/output/tensorboard"
 INPUT_MODES = ("FastFile", "File", "Pipe")
 CHANNELS = ("training", "validation", "pretrained", "model")
-# The channels whose data can be an augmented manifest streamed in Pipe mode.
-MANIFEST_CHANNELS = ("training", "validation")
 ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}):role/[\w+=,.@/-]+")
-ECR_URI = re.compile(
-    r"(\d{12})\.dkr\.ecr(-fips)?\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+(:[\w.-]{1,128}|@sha256:[0-9a-f]{64})"
-)
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 # ---------------------------------------------------------------- the flags
@@ -54,8 +66,11 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every flag of a training job (train and tune take the same ones)."""
+def add_job_arguments(parser: argparse.ArgumentParser, command: str = "train") -> None:
+    """Every flag of a training job; `tune` takes the same ones, but names the tuning job with
+    --name and has no --local."""
+    from .validation import MAX_RUN_SECONDS, MAX_WARM_POOL_SECONDS
+
     data = parser.add_argument_group("data (each a local folder, uploaded first, or an s3:// URI)")
     data.add_argument("--data", metavar="DIR|S3URI", help="the training channel (required)")
     data.add_argument("--validation", metavar="DIR|S3URI", help="the validation channel")
@@ -64,25 +79,30 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--model", metavar="DIR|S3URI",
                       help="an earlier model for the 'model' channel (warm start)")
     data.add_argument("--input-mode", choices=INPUT_MODES, default="FastFile",
-                      help="how SageMaker gives the job its data (default FastFile)")
+                      help="how SageMaker gives the job its data (default FastFile; Pipe only "
+                      "with --augmented-manifest)")
     data.add_argument("--augmented-manifest", metavar="ATTRIBUTES",
                       help="--data (and --validation) are s3:// Ground Truth augmented manifests "
                       "streamed in Pipe mode, as the built-in algorithm takes them: their "
                       "AttributeNames, comma-separated, source-ref first (e.g. "
                       "source-ref,bounding-box,bounding-box-metadata)")
+    data.add_argument("--sync", action="store_true",
+                      help="delete objects under a local folder's S3 prefix that the folder lacks "
+                      "(without it such a prefix is refused)")
 
     aws = parser.add_argument_group("where it runs")
     aws.add_argument("--role", help="the SageMaker execution role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
-    aws.add_argument("--bucket", help="S3 bucket for data, checkpoints and outputs "
+    aws.add_argument("--bucket", help="S3 bucket name for data, checkpoints and outputs "
                      "(default sagemaker-REGION-ACCOUNT, the SageMaker SDK's bucket)")
     aws.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix in the bucket (default {DEFAULT_PREFIX})")
     aws.add_argument("--image", help="training image URI (default: REPOSITORY:TAG in the role "
-                     "account's ECR, as `make push` prints it)")
+                     "account's ECR, as `make push` prints it); checked in ECR before any upload")
     aws.add_argument("--image-tag", metavar="TAG",
                      help="image tag for the default image (default: git rev-parse --short HEAD)")
     aws.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
                      help=f"default {DEFAULT_INSTANCE_TYPE}")
-    aws.add_argument("--instance-count", type=int, default=1)
+    aws.add_argument("--instance-count", type=int, default=1, metavar="N",
+                     help="instances per job (default 1); more train one model data-parallel")
     aws.add_argument("--volume-size", type=int, default=DEFAULT_VOLUME_GB, metavar="GB",
                      help=f"EBS volume per instance (default {DEFAULT_VOLUME_GB})")
     spot = aws.add_mutually_exclusive_group()
@@ -90,26 +110,50 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       help="managed spot training with checkpoints (the default)")
     spot.add_argument("--no-spot", dest="spot", action="store_false", help="on-demand instances")
     aws.add_argument("--max-run", type=int, default=DEFAULT_MAX_RUN, metavar="SECONDS",
-                     help=f"MaxRuntimeInSeconds (default {DEFAULT_MAX_RUN})")
+                     help=f"MaxRuntimeInSeconds (default {DEFAULT_MAX_RUN}, at most "
+                     f"{MAX_RUN_SECONDS}: 28 days)")
     aws.add_argument("--max-wait", type=int, metavar="SECONDS",
-                     help=f"MaxWaitTimeInSeconds for spot (default {SPOT_WAIT_FACTOR} x --max-run)")
+                     help=f"MaxWaitTimeInSeconds for spot (default {SPOT_WAIT_FACTOR} x --max-run, "
+                     "at most 28 days)")
+    aws.add_argument("--keep-alive-period", type=int, metavar="SECONDS",
+                     help=f"keep the instances in a warm pool this long after the job (0 to "
+                     f"{MAX_WARM_POOL_SECONDS}; needs --no-spot and a warm pool quota)")
     aws.add_argument("--network-isolation", action="store_true",
                      help="no network in the container (give --pretrained weights)")
-    aws.add_argument("--subnet", action="append", default=[], metavar="SUBNET_ID")
-    aws.add_argument("--security-group", action="append", default=[], metavar="SG_ID")
+    aws.add_argument("--subnet", action="append", default=[], metavar="SUBNET_ID",
+                     help="run in this VPC subnet (repeatable; with --security-group)")
+    aws.add_argument("--security-group", action="append", default=[], metavar="SG_ID",
+                     help="the VPC security group (repeatable; with --subnet)")
     aws.add_argument("--env", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                      help="container environment variable (repeatable)")
     aws.add_argument("--tag", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                     help="tag of the job (repeatable)")
+                     help="tag of the job (repeatable; keys starting with aws: are AWS's)")
+
+    store = parser.add_argument_group("outputs and encryption")
+    store.add_argument("--output-path", metavar="S3URI",
+                       help="where model.tar.gz and output.tar.gz go, under JOB/output/ "
+                       "(default s3://BUCKET/PREFIX/jobs)")
+    store.add_argument("--checkpoint-s3-uri", metavar="S3URI",
+                       help="the job's checkpoints (default s3://BUCKET/PREFIX/checkpoints/JOB); a "
+                       "job resumes from the checkpoints it finds there")
+    store.add_argument("--output-kms-key", metavar="KEY",
+                       help="KMS key (id, ARN, alias/NAME) that encrypts the model and outputs in S3")
+    store.add_argument("--volume-kms-key", metavar="KEY",
+                       help="KMS key (id or ARN) of the instances' EBS volumes (not for instance "
+                       "types with local NVMe storage, such as ml.g5 and ml.p4d)")
 
     job = parser.add_argument_group("the job")
     job.add_argument("--hyperparameters", type=Path, metavar="FILE",
                      help="JSON object of hyperparameters (see hyperparameters.example.json)")
     job.add_argument("--set", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                      dest="set_values", help="one hyperparameter, after the file (repeatable)")
-    job.add_argument("--name", help="the training job's name (default sm-effdet-BACKBONE-TIME)")
-    job.add_argument("--local", action="store_true",
-                     help="run the same request on this machine instead of SageMaker")
+    if command == "tune":
+        job.add_argument("--name", help="the tuning job's name, at most 32 characters (default "
+                         "sm-effdet-BACKBONE-TIME); SageMaker names its trials after it")
+    else:
+        job.add_argument("--name", help="the training job's name (default sm-effdet-BACKBONE-TIME)")
+        job.add_argument("--local", action="store_true",
+                         help="run the same request on this machine instead of SageMaker")
     job.add_argument("--dry-run", action="store_true",
                      help="print the exact request as JSON and call nothing")
 
@@ -170,38 +214,6 @@ def role_account(role: str | None) -> str:
     return match.group(1)
 
 
-def git_tag() -> str | None:
-    """`make`'s TAG: the checkout's short commit ("dev" without git); None when installed from a
-    wheel, where no checkout says which image was pushed."""
-    if not (REPO_ROOT / "Makefile").is_file() or not (REPO_ROOT / "src" / "sm_effdet").is_dir():
-        return None
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=10)
-        return done.stdout.strip() or "dev"
-    except (OSError, subprocess.SubprocessError):
-        return "dev"
-
-
-def default_image(account: str, region: str, tag: str | None = None) -> str:
-    """The URI `make push` prints: ACCOUNT.dkr.ecr.REGION.DOMAIN/REPOSITORY:TAG."""
-    tag = tag or git_tag()
-    if not tag:
-        raise UserInputError("no image was given and there is no checkout to take `make push`'s "
-                             "tag from; pass --image URI (or --image-tag TAG).")
-    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"{account}.dkr.ecr.{region}.{domain}/{REPOSITORY}:{tag}"
-
-
-def check_image(image: str) -> None:
-    if not ECR_URI.fullmatch(image):
-        raise UserInputError(
-            f"the image '{shorten(image)}' is not an ECR image URI; SageMaker trains only from "
-            "ECR: run `make push` and pass the URI it prints (ACCOUNT.dkr.ecr.REGION."
-            "amazonaws.com/REPOSITORY:TAG) as --image."
-        )
-
-
 def metric_definitions() -> list[dict[str, str]]:
     """metric_definitions.json: the regexes that match the job's epoch line (tests check that
     the file and the job agree); beside the package when installed, at the checkout's root."""
@@ -215,14 +227,6 @@ def metric_definitions() -> list[dict[str, str]]:
 
 def s3_uri(bucket: str, *parts: str) -> str:
     return "s3://" + "/".join([bucket, *(p.strip("/") for p in parts if p and p.strip("/"))])
-
-
-def is_s3(value: str) -> bool:
-    return value.startswith("s3://")
-
-
-def dataset_name(folder: Path) -> str:
-    return re.sub(r"[^a-zA-Z0-9._-]+", "-", folder.resolve().name).strip("-") or "data"
 
 
 def channel(name: str, uri: str, attribute_names: list[str] | None = None) -> dict[str, Any]:
@@ -262,10 +266,15 @@ def build_training_request(
     environment: dict[str, str] | None = None,
     tags: dict[str, str] | None = None,
     augmented_manifest: list[str] | None = None,
+    output_kms_key: str | None = None,
+    volume_kms_key: str | None = None,
+    keep_alive_period: int | None = None,
 ) -> dict[str, Any]:
     """The CreateTrainingJob request, not yet checked (`check_request` does that).
     `augmented_manifest`: the AttributeNames of the training and validation channels, which are
     then augmented manifests streamed in Pipe mode."""
+    from .validation import MAX_RUN_SECONDS
+
     stopping: dict[str, int] = {"MaxRuntimeInSeconds": max_run}
     request: dict[str, Any] = {
         "TrainingJobName": name,
@@ -293,7 +302,9 @@ def build_training_request(
     }
     if spot:
         request["EnableManagedSpotTraining"] = True
-        stopping["MaxWaitTimeInSeconds"] = max_wait if max_wait is not None else max_run * SPOT_WAIT_FACTOR
+        # The derived wait stays within the 28 days a job may take (a longer --max-run is refused).
+        stopping["MaxWaitTimeInSeconds"] = max_wait if max_wait is not None else max(
+            min(max_run * SPOT_WAIT_FACTOR, MAX_RUN_SECONDS), max_run)
     elif max_wait is not None:
         stopping["MaxWaitTimeInSeconds"] = max_wait  # refused by check_request with its sentence
     if checkpoint_uri:
@@ -310,73 +321,13 @@ def build_training_request(
         request["Environment"] = dict(environment)
     if tags:
         request["Tags"] = [{"Key": k, "Value": v} for k, v in tags.items()]
+    if output_kms_key:
+        request["OutputDataConfig"]["KmsKeyId"] = output_kms_key
+    if volume_kms_key:
+        request["ResourceConfig"]["VolumeKmsKeyId"] = volume_kms_key
+    if keep_alive_period is not None:
+        request["ResourceConfig"]["KeepAlivePeriodInSeconds"] = keep_alive_period
     return request
-
-
-def check_job_choices(args: argparse.Namespace, hyperparameters: dict[str, str]) -> None:
-    """What the request itself cannot say is wrong: the data and isolation rules."""
-    from ..hyperparameters import parse_hyperparameters
-
-    if not args.data:
-        raise UserInputError("no training data was given; pass --data with a local folder "
-                             "(uploaded first) or an s3:// URI.")
-    if args.network_isolation and not args.pretrained:
-        if parse_hyperparameters(hyperparameters).pretrained is not False:
-            raise UserInputError(
-                "--network-isolation leaves the job no network to download pretrained weights "
-                "from; pass --pretrained with a folder or s3:// URI holding them, or set "
-                "pretrained=false to train from scratch."
-            )
-    if args.augmented_manifest:
-        check_augmented_manifest(args, hyperparameters)
-    if (args.subnet and not args.security_group) or (args.security_group and not args.subnet):
-        raise UserInputError("a VPC needs both --subnet and --security-group; give both or neither.")
-
-
-def attribute_names(text: str | None) -> list[str] | None:
-    return [a.strip() for a in text.split(",") if a.strip()] if text else None
-
-
-def check_augmented_manifest(args: argparse.Namespace, hyperparameters: dict[str, str]) -> None:
-    """Augmented manifests are S3 objects streamed by SageMaker: nothing local to upload or
-    read, and the job needs the image first, then its label (formats/pipe.py)."""
-    names = attribute_names(args.augmented_manifest)
-    if not names or names[0] != "source-ref" or len(names) < 2:
-        raise UserInputError(
-            f"--augmented-manifest '{shorten(args.augmented_manifest)}' must list source-ref "
-            "first, then the label attribute (and its -metadata), comma-separated, e.g. "
-            "source-ref,bounding-box,bounding-box-metadata."
-        )
-    for flag, value in (("--data", args.data), ("--validation", args.validation)):
-        if value and not is_s3(value):
-            raise UserInputError(
-                f"with --augmented-manifest, {flag} must be the s3:// URI of the manifest (SageMaker "
-                f"streams it in Pipe mode), not the local path '{shorten(value)}'; upload the "
-                "manifest and its images, or use the manifest as a File-mode channel instead."
-            )
-    if getattr(args, "local", False):
-        raise UserInputError(
-            "--local cannot stream an augmented manifest in Pipe mode; run on SageMaker, or give "
-            "--local a folder holding the manifest and its images (File mode)."
-        )
-    # The job finds the label attribute by itself; naming it keeps a stream that carries
-    # several (an adjustment job's) unambiguous.
-    hyperparameters.setdefault("label_attribute", names[1])
-
-
-def check_instance_type(instance_type: str) -> None:
-    """An instance type SageMaker does not train on, named with advice (the model's enum)."""
-    from .validation import service_model
-
-    known = service_model().shape_for("TrainingInstanceType").enum
-    if instance_type not in known:
-        like = [t for t in known if t.split(".")[1:2] == instance_type.split(".")[1:2]][:6] or [
-            "ml.g5.xlarge", "ml.g6.xlarge", "ml.p4d.24xlarge", "ml.m5.xlarge"]
-        raise UserInputError(
-            f"--instance-type '{shorten(instance_type)}' is not an instance type SageMaker trains "
-            f"on; choose one such as {', '.join(like)} (all {len(known)} are listed under "
-            "TrainingInstanceType in botocore's SageMaker model)."
-        )
 
 
 def local_channels(args: argparse.Namespace) -> dict[str, str]:
@@ -386,47 +337,30 @@ def local_channels(args: argparse.Namespace) -> dict[str, str]:
     return {c: getattr(args, flags[c]) for c in CHANNELS if getattr(args, flags[c], None)}
 
 
-def check_local_data(channels: dict[str, str], hyperparameters: dict[str, str], out=sys.stdout) -> None:
-    """Read the local training (and validation) folders with the job's own reader, images not
-    opened, and print its data report summary: a dataset the job would refuse is refused here."""
-    from ..data.formats import DataReport, read_dataset
+@dataclass
+class TrainingPlan:
+    """A checked CreateTrainingJob request and what must be done on AWS before it is sent."""
+
+    request: dict[str, Any]
+    image: str
+    buckets: list[tuple[str, str]]  # (bucket, key prefix) the job writes to, checked first
+    uploads: list[tuple[FolderListing, str]] = field(default_factory=list)  # folder, S3 prefix
+    # Validation images the job will score; None when not known here (data on S3).
+    validation_images: int | None = None
+
+
+def plan_training(args: argparse.Namespace, *, out=sys.stdout) -> TrainingPlan:
+    """Check everything on this machine, no AWS call: the flags, hyperparameters and image, the
+    request, then the local data, whose content names its S3 prefix."""
     from ..hyperparameters import parse_hyperparameters
-
-    local = {}
-    for name in ("training", "validation"):
-        value = channels.get(name)
-        if value and not is_s3(value):
-            folder = Path(value)
-            if not folder.is_dir():
-                raise UserInputError(f"the {name} folder {value} does not exist; give a local "
-                                     "folder of images and annotations, or an s3:// URI.")
-            local[name] = folder
-    for name in ("pretrained", "model"):
-        value = channels.get(name)
-        if value and not is_s3(value) and not Path(value).is_dir():
-            raise UserInputError(f"the {name} folder {value} does not exist; give a local folder "
-                                 "or an s3:// URI.")
-    if "training" not in local:
-        return
-    if "validation" in channels and "validation" not in local:
-        local.pop("validation", None)
-    report = DataReport()
-    dataset = read_dataset(local, parse_hyperparameters(hyperparameters), report)
-    print(f"{report.summary()}; {len(dataset.categories)} classes, {len(dataset.train)} training "
-          f"and {len(dataset.val)} validation images", file=out)
-
-
-def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdout) -> dict[str, Any]:
-    """Check everything on this machine (the flags, hyperparameters, image, the request, then
-    the local data), then (unless a dry run or local) check the bucket and
-    upload the local folders; return the validated CreateTrainingJob request."""
-    from ..hyperparameters import parse_hyperparameters
+    from .upload import DATASETS, dataset_folder, list_folder
     from .validation import check_request
 
+    check_flags(args)
     hyperparameters = read_hyperparameters(args.hyperparameters, args.set_values)
-    check_job_choices(args, hyperparameters)
-    check_instance_type(args.instance_type)
     channels = local_channels(args)
+    check_job_choices(args, hyperparameters, channels)
+    check_instance_type(args.instance_type)
     local = bool(getattr(args, "local", False))
     if local:
         region = region_name(required=False) or "us-east-1"
@@ -444,18 +378,7 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
     name = args.name or job_name(backbone)
     bucket = args.bucket or f"sagemaker-{region}-{account}"
     prefix = args.prefix
-    uploads: dict[str, Path] = {}
-    uris: dict[str, str] = {}
     use_files = local and not args.bucket
-    for channel_name, value in channels.items():
-        if is_s3(value):
-            uris[channel_name] = value
-        elif local:
-            uris[channel_name] = Path(value).resolve().as_uri()
-        else:
-            folder = Path(value)
-            uploads[channel_name] = folder
-            uris[channel_name] = s3_uri(bucket, prefix, dataset_name(folder), "data", channel_name) + "/"
     if use_files:
         base = (Path.cwd() / "sm-effdet-output").resolve().as_uri()
         output, checkpoints, tensorboard = (
@@ -464,27 +387,95 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
         output = s3_uri(bucket, prefix, "jobs")
         checkpoints = s3_uri(bucket, prefix, "checkpoints", name)
         tensorboard = s3_uri(bucket, prefix, "tensorboard", name)
+    output = args.output_path or output
+    checkpoints = args.checkpoint_s3_uri or checkpoints
 
-    request = build_training_request(
-        name=name, role=role, image=image, channels=uris, output_path=output,
-        hyperparameters=hyperparameters, checkpoint_uri=checkpoints, tensorboard_uri=tensorboard,
-        instance_type=args.instance_type, instance_count=args.instance_count,
-        volume_size=args.volume_size, input_mode=args.input_mode, spot=args.spot,
-        max_run=args.max_run, max_wait=args.max_wait, network_isolation=args.network_isolation,
-        subnets=args.subnet, security_groups=args.security_group, environment=dict(args.env),
-        tags=dict(args.tag), augmented_manifest=attribute_names(args.augmented_manifest),
-    )
-    check_request("CreateTrainingJob", _as_s3(request) if local else request)
-    # The data last of the local checks: reading a large annotation file takes the longest.
-    check_local_data(channels, hyperparameters, out=out)
-    if args.dry_run or local:
+    def make_request(uris: dict[str, str]) -> dict[str, Any]:
+        request = build_training_request(
+            name=name, role=role, image=image, channels=uris, output_path=output,
+            hyperparameters=hyperparameters, checkpoint_uri=checkpoints,
+            tensorboard_uri=tensorboard, instance_type=args.instance_type,
+            instance_count=args.instance_count, volume_size=args.volume_size,
+            input_mode=args.input_mode, spot=args.spot, max_run=args.max_run,
+            max_wait=args.max_wait, network_isolation=args.network_isolation,
+            subnets=args.subnet, security_groups=args.security_group,
+            environment=dict(args.env), tags=dict(args.tag),
+            augmented_manifest=attribute_names(args.augmented_manifest),
+            output_kms_key=args.output_kms_key, volume_kms_key=args.volume_kms_key,
+            keep_alive_period=args.keep_alive_period,
+        )
+        check_request("CreateTrainingJob", _as_s3(request) if local else request)
         return request
-    from .upload import check_bucket, upload_folder
 
-    check_bucket(s3, bucket, prefix)
-    for channel_name, folder in uploads.items():
-        upload_folder(s3, folder, uris[channel_name], out=out)
-    return request
+    folders = check_folders(channels)
+
+    def uri_of(channel_name: str, digest_folder: str) -> str:
+        value = channels[channel_name]
+        if channel_name not in folders:
+            return value
+        if local:
+            return Path(value).resolve().as_uri()
+        return s3_uri(bucket, prefix, DATASETS, digest_folder) + "/"
+
+    # The request is checked first with a stand-in for the content digest (same shape), so that
+    # a bad request is refused before the data is read and hashed.
+    make_request({c: uri_of(c, "data-" + "0" * 12) for c in channels})
+    # The data last of the local checks: reading a large annotation file takes the longest.
+    validation_images = check_local_data(channels, hyperparameters, out=out)
+    uploads: list[tuple[FolderListing, str]] = []
+    uris: dict[str, str] = {}
+    listings: dict[Path, FolderListing] = {}
+    for channel_name in channels:
+        if channel_name in folders and not local:
+            folder = folders[channel_name].resolve()
+            if folder not in listings:  # one folder given for two channels is hashed once
+                listings[folder] = list_folder(folders[channel_name])
+            listing = listings[folder]
+            uris[channel_name] = uri_of(channel_name, dataset_folder(listing))
+            if all(uri != uris[channel_name] for _, uri in uploads):
+                uploads.append((listing, uris[channel_name]))
+        else:
+            uris[channel_name] = uri_of(channel_name, "")
+    request = make_request(uris)
+    written = [(bucket, prefix)] if not use_files else []
+    for uri in (output, checkpoints):
+        where, _, key = uri[len("s3://"):].partition("/")
+        if is_s3(uri) and where not in [b for b, _ in written]:
+            written.append((where, key))
+    return TrainingPlan(request=request, image=image, buckets=written,
+                        uploads=uploads, validation_images=validation_images)
+
+
+def carry_out(plan: TrainingPlan, *, s3, ecr: Callable[[str], Any] | None = None,
+              sync: bool = False, out=sys.stdout) -> None:
+    """What must hold on AWS before the job is created, in this order: the image is in ECR, the
+    buckets can be written, the datasets' prefixes hold nothing the folders lack (or, with
+    `sync`, no longer do); then the local folders are uploaded."""
+    from .upload import check_bucket, check_prefixes, upload_folder
+
+    check_image_pushed(plan.image, ecr, out=out)
+    for bucket, prefix in plan.buckets:
+        check_bucket(s3, bucket, prefix)
+    check_prefixes(s3, plan.uploads, sync, out=out)
+    for listing, uri in plan.uploads:
+        upload_folder(s3, listing, uri, out=out)
+
+
+def prepare_training_request(args: argparse.Namespace, *, s3=None,
+                             ecr: Callable[[str], Any] | None = None,
+                             out=sys.stdout) -> dict[str, Any]:
+    """`plan_training`, then (unless a dry run or local) `carry_out`; returns the validated
+    CreateTrainingJob request. `ecr(region)` makes an ECR client to check the image with; None
+    leaves it unchecked (and says so)."""
+    plan = plan_training(args, out=out)
+    if args.dry_run:
+        print(f"note: the image {plan.image} was not checked in ECR (--dry-run calls nothing).",
+              file=sys.stderr)
+        return plan.request
+    if getattr(args, "local", False):
+        return plan.request
+    carry_out(plan, s3=s3, ecr=ecr, sync=getattr(args, "sync", False), out=out)
+    return plan.request
 
 
 def _as_s3(request: dict[str, Any]) -> dict[str, Any]:

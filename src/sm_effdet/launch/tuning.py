@@ -1,8 +1,10 @@
 """`sm-effdet tune`: a SageMaker hyperparameter tuning job from the same spec as `train`.
 
-The training request `train` would send is built first (same flags, same local checks, same
-upload); the tuning job's TrainingJobDefinition is derived from it, so a trial runs exactly the
-job `train` would run, with the tuned hyperparameters set by SageMaker.
+The training request `train` would send is built and checked first (same flags, same local
+checks); the tuning job's TrainingJobDefinition is derived from it, so a trial runs exactly the
+job `train` would run, with the tuned hyperparameters set by SageMaker. The tuning request is
+checked too (search_space.py holds the ranges and the strategies' rules) before anything is
+uploaded or created.
 """
 
 from __future__ import annotations
@@ -17,7 +19,20 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import UserInputError, shorten
-from ..hyperparameters import SPECS, parse_hyperparameters
+from ..hyperparameters import parse_hyperparameters
+from .search_space import (  # noqa: F401  (the names tests and callers know from here)
+    DEFAULT_SEARCH_SPACE,
+    HYPERBAND_MAX_RESOURCE,
+    SCALING_TYPES,
+    SGD_LEARNING_RATE,
+    _check_name,
+    default_search_space,
+    grid_size,
+    merge_search_space,
+    parameter_ranges,
+    read_search_space,
+    tuned_names,
+)
 from .validation import check_request
 
 # The one MetricDefinitions name (metric_definitions.json) that is the job's validation mAP.
@@ -26,169 +41,8 @@ NAME_LIMIT = 32  # CreateHyperParameterTuningJob's HyperParameterTuningJobName m
 PROJECT = "sm-effdet"
 TERMINAL = ("Completed", "Failed", "Stopped")
 
-# The default search space for fine-tuning a COCO-pretrained EfficientDet, in the ranges file's
-# form (see `parameter_ranges`). Four knobs that move mAP most per trial on small datasets:
-DEFAULT_SEARCH_SPACE: dict[str, Any] = {
-    # A decade either side of AdamW's 0.001 (the job's 'auto'), searched on a log scale because
-    # what matters is the factor, not the difference: 1e-4 barely moves pretrained weights in a
-    # few epochs, 1e-2 is where AdamW fine-tuning starts to diverge.
-    "learning_rate": {"min": 0.0001, "max": 0.01, "scaling": "Logarithmic"},
-    # The parser takes multiples of 128 only, so a list rather than an integer range; 512 (the
-    # default) in the middle. Memory grows with the square of the size: the instance type must
-    # fit 640 at the job's batch_size.
-    "img_size": [384, 512, 640],
-    # Flips, scale and colour help small datasets and can cost a few points on large, uniform
-    # ones: the tuner finds out which this dataset is.
-    "augment": [True, False],
-    # Linear from none to 3 epochs (the default is 1): more than that eats most of a short
-    # fine-tuning schedule before the peak learning rate is reached.
-    "warmup_epochs": {"min": 0, "max": 3, "scaling": "Linear"},
-}
-# SGD's learning rates are two orders larger (the job's 'auto' is 0.1 for sgd).
-SGD_LEARNING_RATE = {"min": 0.003, "max": 0.3, "scaling": "Logarithmic"}
-SCALING_TYPES = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")
-
-
-def default_search_space(static_hyperparameters: Mapping[str, str]) -> dict[str, Any]:
-    space = dict(DEFAULT_SEARCH_SPACE)
-    if str(static_hyperparameters.get("optimizer", "")).strip('"').lower() == "sgd":
-        space["learning_rate"] = SGD_LEARNING_RATE
-    return space
-
-
-def read_search_space(path: Path) -> dict[str, Any]:
-    """The ranges file's entries (checked by `parameter_ranges`); null removes a default."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UserInputError(
-            f"cannot read the tuning ranges file {path}: {exc.strerror}."
-        ) from None
-    except ValueError as exc:
-        raise UserInputError(
-            f"the tuning ranges file {path} is not valid JSON ({exc}); see the README's Tuning part."
-        ) from None
-    if not isinstance(data, dict):
-        raise UserInputError(
-            f"the tuning ranges file {path} must hold a JSON object of hyperparameter names, e.g. "
-            '{"learning_rate": {"min": 0.0001, "max": 0.01, "scaling": "Logarithmic"}}.'
-        )
-    return data
-
-
-def merge_search_space(default: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    space = {**default, **overrides}
-    return {name: entry for name, entry in space.items() if entry is not None}
-
-
-def _as_text(value: Any) -> str:
-    # The job's hyperparameters arrive as strings; JSON's true stays "true", never "True".
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _check_value(source: str, name: str, value: Any) -> None:
-    try:
-        parse_hyperparameters({name: _as_text(value)})
-    except UserInputError as exc:
-        raise UserInputError(f"{source}: {str(exc).rstrip('.')}.") from None
-
-
-def _check_name(name: str, source: str) -> None:
-    if name not in SPECS:
-        raise UserInputError(
-            f"{source} names '{shorten(name)}', which is not a hyperparameter of the job; use "
-            "the names in hyperparameters.example.json."
-        )
-
-
-def _is_integer(name: str) -> bool:
-    return str(SPECS[name].type).split("|")[0].strip() == "int"
-
-
-def parameter_ranges(space: Mapping[str, Any], source: str = "the search space") -> dict:
-    """SageMaker's ParameterRanges from `space`: a list is categorical, {"min", "max",
-    "scaling"} a range (whole numbers when the job's hyperparameter is one). Every name must be
-    a hyperparameter the job knows and every value one its parser accepts."""
-    ranges: dict[str, list] = {
-        "IntegerParameterRanges": [],
-        "ContinuousParameterRanges": [],
-        "CategoricalParameterRanges": [],
-    }
-    for name, entry in space.items():
-        _check_name(name, source)
-        if isinstance(entry, list):
-            if not entry:
-                raise UserInputError(
-                    f"{source}: '{name}' has an empty list of values; give at least one."
-                )
-            for value in entry:
-                _check_value(source, name, value)
-            ranges["CategoricalParameterRanges"].append(
-                {"Name": name, "Values": [_as_text(v) for v in entry]}
-            )
-        elif isinstance(entry, dict):
-            ranges[_range_kind(name, entry, source)].append(_range(name, entry, source))
-        else:
-            raise UserInputError(
-                f"{source}: '{name}' is {shorten(json.dumps(entry), 60)}; give a list of values or "
-                '{"min": ..., "max": ...} (null removes it from the search).'
-            )
-    return {kind: items for kind, items in ranges.items() if items}
-
-
-def _range_kind(name: str, entry: Mapping, source: str) -> str:
-    unknown = set(entry) - {"min", "max", "scaling"}
-    if unknown or "min" not in entry or "max" not in entry:
-        raise UserInputError(
-            f'{source}: the range of \'{name}\' must have "min" and "max" (and optionally '
-            f'"scaling": one of {", ".join(SCALING_TYPES)}), not {", ".join(sorted(entry))}.'
-        )
-    return "IntegerParameterRanges" if _is_integer(name) else "ContinuousParameterRanges"
-
-
-def _range(name: str, entry: Mapping, source: str) -> dict:
-    low, high = entry["min"], entry["max"]
-    scaling = entry.get("scaling", "Auto")
-    for value in (low, high):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserInputError(f"{source}: the range of '{name}' needs numbers, not {value!r}.")
-        _check_value(source, name, value)
-    if not low < high:
-        raise UserInputError(
-            f"{source}: the range of '{name}' has min {low} not below max {high}; for one value "
-            "set it with --set instead."
-        )
-    if scaling not in SCALING_TYPES:
-        raise UserInputError(
-            f"{source}: the scaling of '{name}' is {scaling!r}, not one of {', '.join(SCALING_TYPES)}."
-        )
-    if scaling in ("Logarithmic", "ReverseLogarithmic") and low <= 0:
-        raise UserInputError(
-            f"{source}: '{name}' is searched on a log scale, so its min must be above 0, not {low}."
-        )
-    if _is_integer(name):
-        if int(low) != low or int(high) != high:
-            raise UserInputError(
-                f"{source}: '{name}' takes whole numbers; its min and max must be too."
-            )
-        low, high = int(low), int(high)
-        # The tuner may pick any whole number between: each one must be one the job accepts
-        # (img_size, say, takes only multiples of 128).
-        for value in range(low, high + 1) if high - low <= 10_000 else ():
-            try:
-                parse_hyperparameters({name: str(value)})
-            except UserInputError:
-                raise UserInputError(
-                    f"{source}: the tuner may pick {value} for '{name}' between {low} and {high}, "
-                    "which the job refuses; give its values as a list instead."
-                ) from None
-    return {"Name": name, "MinValue": str(low), "MaxValue": str(high), "ScalingType": scaling}
-
-
-def tuned_names(ranges: Mapping[str, list]) -> list[str]:
-    return [item["Name"] for items in ranges.values() for item in items]
+DEFAULT_MAX_JOBS = 12
+STRATEGIES = ("Bayesian", "Random", "Hyperband", "Grid")
 
 
 def tuning_job_name(backbone: str, now: datetime | None = None) -> str:
@@ -243,13 +97,15 @@ def tuning_job_request(
     *,
     name: str,
     parameter_ranges: Mapping[str, list],
-    max_jobs: int,
+    max_jobs: int | None,
     max_parallel_jobs: int,
     strategy: str = "Bayesian",
-    early_stopping: str = "Auto",
+    early_stopping: str | None = None,
 ) -> dict:
     """The CreateHyperParameterTuningJob request whose trials run `training_request` with the
-    tuned hyperparameters; checked before it is returned."""
+    tuned hyperparameters; checked before it is returned. What a strategy requires is set when
+    left open (None): Hyperband runs with early stopping Off and its MaxResource from epochs,
+    Grid with every combination as its number of trials; a contrary choice is refused."""
     check_tuning_name(name)
     algorithm = training_request.get("AlgorithmSpecification") or {}
     metric_names = [m["Name"] for m in algorithm.get("MetricDefinitions") or []]
@@ -260,33 +116,35 @@ def tuning_job_request(
             "metric_definitions.json's definitions in the request."
         )
     tuned = set(tuned_names(parameter_ranges))
+    static = {k: v for k, v in (training_request.get("HyperParameters") or {}).items()
+              if k not in tuned}
     definition: dict[str, Any] = {
         "AlgorithmSpecification": {k: algorithm[k] for k in ALGORITHM_FIELDS if k in algorithm},
-        "StaticHyperParameters": {
-            k: v
-            for k, v in (training_request.get("HyperParameters") or {}).items()
-            if k not in tuned
-        },
+        "StaticHyperParameters": static,
     }
     definition.update({k: training_request[k] for k in CARRIED_FIELDS if k in training_request})
     checkpoint = _trial_checkpoint(training_request, name)
     if checkpoint:
         definition["CheckpointConfig"] = checkpoint
+    if early_stopping is None:
+        early_stopping = "Off" if strategy == "Hyperband" else "Auto"
+    if max_jobs is None:
+        max_jobs = grid_size(parameter_ranges) if strategy == "Grid" else DEFAULT_MAX_JOBS
+    config: dict[str, Any] = {
+        "Strategy": strategy,
+        "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": OBJECTIVE_METRIC},
+        "ResourceLimits": {
+            "MaxNumberOfTrainingJobs": max_jobs,
+            "MaxParallelTrainingJobs": max_parallel_jobs,
+        },
+        "ParameterRanges": dict(parameter_ranges),
+        "TrainingJobEarlyStoppingType": early_stopping,
+    }
+    if strategy == "Hyperband":
+        config["StrategyConfig"] = {"HyperbandStrategyConfig": _hyperband(static, tuned)}
     request: dict[str, Any] = {
         "HyperParameterTuningJobName": name,
-        "HyperParameterTuningJobConfig": {
-            "Strategy": strategy,
-            "HyperParameterTuningJobObjective": {
-                "Type": "Maximize",
-                "MetricName": OBJECTIVE_METRIC,
-            },
-            "ResourceLimits": {
-                "MaxNumberOfTrainingJobs": max_jobs,
-                "MaxParallelTrainingJobs": max_parallel_jobs,
-            },
-            "ParameterRanges": dict(parameter_ranges),
-            "TrainingJobEarlyStoppingType": early_stopping,
-        },
+        "HyperParameterTuningJobConfig": config,
         "TrainingJobDefinition": definition,
     }
     if training_request.get("Tags"):
@@ -297,6 +155,23 @@ def tuning_job_request(
         )
     check_request("CreateHyperParameterTuningJob", request)
     return request
+
+
+def _hyperband(static: Mapping[str, str], tuned: set[str]) -> dict[str, int]:
+    """Hyperband stops a trial between MinResource and MaxResource epochs: at most the job's
+    epochs (each trial's epoch line is the resource it counts), from the first epoch on."""
+    if "epochs" in tuned:
+        raise UserInputError(
+            "the Hyperband strategy decides how many epochs each trial runs, up to the job's "
+            "epochs; set epochs with --set (the most a trial may run) instead of tuning it."
+        )
+    epochs = parse_hyperparameters(static).epochs
+    if epochs > HYPERBAND_MAX_RESOURCE:
+        raise UserInputError(
+            f"the Hyperband strategy allows at most {HYPERBAND_MAX_RESOURCE} epochs a trial, not "
+            f"epochs={epochs}; lower epochs."
+        )
+    return {"MinResource": 1, "MaxResource": epochs}
 
 
 # --- Following ---------------------------------------------------------------------------
@@ -390,9 +265,9 @@ def add_commands(subparsers) -> None:
         "tune",
         help="a SageMaker hyperparameter tuning job (Bayesian, early stopping) of the train job",
         description="Tune the job `train` would launch: objective validation:mAP (Maximize). "
-        "Takes every flag of train; --name is the tuning job's (at most 32 characters).",
+        "Takes train's flags but --local; --name is the tuning job's (at most 32 characters).",
     )
-    job_request.add_job_arguments(parser)
+    job_request.add_job_arguments(parser, command="tune")
     parser.add_argument(
         "--ranges",
         type=Path,
@@ -400,26 +275,51 @@ def add_commands(subparsers) -> None:
         help='JSON overriding the default search space: {"name": [values] | {"min", "max", '
         '"scaling"} | null}',
     )
-    parser.add_argument("--max-jobs", type=int, default=12, help="trials in all (default 12)")
+    parser.add_argument("--max-jobs", type=int, metavar="N",
+                        help=f"trials in all (default {DEFAULT_MAX_JOBS}; with Grid, every "
+                        "combination of the values)")
     parser.add_argument(
         "--max-parallel-jobs",
         type=int,
         default=2,
+        metavar="N",
         help="trials at once (default 2: Bayesian search learns from finished trials)",
     )
     parser.add_argument(
-        "--strategy",
-        default="Bayesian",
-        choices=("Bayesian", "Random", "Hyperband", "Grid"),
+        "--strategy", default="Bayesian", choices=STRATEGIES,
+        help="how trials are chosen (default Bayesian); Grid takes lists of values only, "
+        "Hyperband stops trials itself",
     )
-    parser.add_argument("--early-stopping", default="Auto", choices=("Auto", "Off"))
+    parser.add_argument("--early-stopping", choices=("Auto", "Off"),
+                        help="stop trials unlikely to beat the best (default Auto; Off with "
+                        "Hyperband, which SageMaker requires)")
     parser.add_argument(
         "--no-wait", action="store_true", help="create the tuning job and return (like train's)"
     )
     parser.set_defaults(run=run_tune)
 
 
-def run_tune(args, *, sagemaker=None, s3=None, out: TextIO = sys.stdout) -> int:
+def check_scored(plan, static: Mapping[str, str], has_validation: bool, out: TextIO) -> None:
+    """Every trial must print the objective: a job without validation images never does, and
+    SageMaker would run (and bill) every trial for nothing."""
+    if plan.validation_images == 0:
+        raise UserInputError(
+            f"no trial could be scored: the training data has no validation images (val_fraction="
+            f"{parse_hyperparameters(static).val_fraction:g}, no validation channel), so no job "
+            f"prints {OBJECTIVE_METRIC}, the tuning objective; pass --validation, or set "
+            "val_fraction above 0 for enough images to be held out."
+        )
+    hp = parse_hyperparameters(static)
+    if plan.validation_images is None and not has_validation and not hp.split_file \
+            and hp.val_fraction == 0:
+        print(f"note: with val_fraction=0 and no validation channel, trials print "
+              f"{OBJECTIVE_METRIC} only if the data on S3 carries its own split (VOC ImageSets, a "
+              "data.yaml's val, valid/ folders); it was not read here.", file=sys.stderr)
+
+
+def run_tune(args, *, sagemaker=None, s3=None, ecr=None, out: TextIO = sys.stdout) -> int:
+    """Plan the training job (every local check), build and check the tuning request, and only
+    then check the image, the bucket and the datasets' prefixes on AWS, upload and create."""
     from . import request as job_request
 
     if getattr(args, "local", False):
@@ -430,28 +330,17 @@ def run_tune(args, *, sagemaker=None, s3=None, out: TextIO = sys.stdout) -> int:
         check_tuning_name(args.name)
     overrides = read_search_space(args.ranges) if args.ranges else {}
     source = f"the tuning ranges file {args.ranges}" if args.ranges else "the search space"
-    # Refused before anything is uploaded; a null entry (removing a default) still names one.
+    # Refused before the data is read; a null entry (removing a default) still names one.
     for name in overrides:
         _check_name(name, source)
     parameter_ranges(merge_search_space({}, overrides), source)
-    if sagemaker is None or s3 is None:
-        from .aws import client
-
-        sagemaker = sagemaker or client("sagemaker")
-        s3 = s3 or client("s3")
-    training = job_request.prepare_training_request(args, s3=s3, out=out)
+    dry_run = getattr(args, "dry_run", False)
+    plan = job_request.plan_training(args, out=sys.stderr if dry_run else out)
+    training = plan.request
     static = training.get("HyperParameters") or {}
     ranges = parameter_ranges(merge_search_space(default_search_space(static), overrides), source)
     backbone = parse_hyperparameters(static).backbone
     name = args.name or tuning_job_name(backbone)
-    dry_run = getattr(args, "dry_run", False)
-    for tuned in tuned_names(ranges):
-        if tuned in static:
-            # On stderr for --dry-run, whose stdout is the request alone.
-            print(
-                f"{tuned} is tuned: its value {static[tuned]!r} is not used.",
-                file=sys.stderr if dry_run else out,
-            )
     request = tuning_job_request(
         training,
         name=name,
@@ -461,12 +350,30 @@ def run_tune(args, *, sagemaker=None, s3=None, out: TextIO = sys.stdout) -> int:
         strategy=args.strategy,
         early_stopping=args.early_stopping,
     )
+    check_scored(plan, {k: v for k, v in static.items() if k not in tuned_names(ranges)},
+                 bool(args.validation), out)
+    for tuned in tuned_names(ranges):
+        if tuned in static:
+            # On stderr for --dry-run, whose stdout is the request alone.
+            print(
+                f"{tuned} is tuned: its value {static[tuned]!r} is not used.",
+                file=sys.stderr if dry_run else out,
+            )
     if dry_run:
+        print(f"note: the image {plan.image} was not checked in ECR (--dry-run calls nothing).",
+              file=sys.stderr)
         print(json.dumps(request, indent=2), file=out)
         return 0
+    from .aws import client
+
+    sagemaker = sagemaker or client("sagemaker")
+    s3 = s3 or client("s3")
+    job_request.carry_out(plan, s3=s3, ecr=ecr or (lambda region: client("ecr", region)),
+                          sync=args.sync, out=out)
     sagemaker.create_hyper_parameter_tuning_job(**request)
+    trials = request["HyperParameterTuningJobConfig"]["ResourceLimits"]["MaxNumberOfTrainingJobs"]
     print(
-        f"Created tuning job {name}: {args.max_jobs} trials, {args.max_parallel_jobs} at a time.",
+        f"Created tuning job {name}: {trials} trials, {args.max_parallel_jobs} at a time.",
         file=out,
     )
     if getattr(args, "no_wait", False):

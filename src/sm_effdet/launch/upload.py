@@ -1,13 +1,22 @@
-"""The bucket check and the upload of local channel folders, skipping what is already there."""
+"""The bucket check and the upload of local channel folders, skipping what is already there.
+
+A folder goes to a prefix named after its content (`dataset_folder`): two datasets that share a
+folder name never mix, and a folder whose files changed gets a prefix of its own, so that what
+the local check read is exactly what the job gets. A prefix that holds objects the folder lacks
+is refused (or emptied of them with --sync) before anything is uploaded; unchanged files of an
+earlier version are copied within S3 instead of uploaded again.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserInputError
+from ..errors import UserInputError, shorten
 
 # The skip rule compares the size and a SHA-256 of the file's bytes, kept as the object's
 # metadata at upload. S3's ETag is not used: it is an MD5 only for single-part uploads without
@@ -15,6 +24,8 @@ from ..errors import UserInputError
 # file can have two ETags and a second launch would upload it again.
 CHECKSUM_KEY = "sha256"
 WRITE_CHECK_KEY = ".sm-effdet-write-check"
+DATASETS = "datasets"  # PREFIX/datasets/NAME-DIGEST/: one folder's content
+DIGEST_CHARS = 12  # 48 bits: two different folders of one name never share a prefix by chance
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -113,28 +124,131 @@ def remote_objects(s3, bucket: str, prefix: str) -> dict[str, int]:
     return sizes
 
 
-def upload_folder(s3, folder: Path, uri: str, out=sys.stdout, progress_stream=None) -> int:
-    """Upload every file under `folder` to the `uri` prefix, skipping files already there with
-    the same size and SHA-256; returns the bytes uploaded."""
+@dataclass
+class FolderListing:
+    """A local folder's files (relative POSIX path -> size, SHA-256), hashed once: the digest
+    names the S3 prefix and the hashes decide what is uploaded."""
+
+    folder: Path
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        lines = "".join(f"{sha} {size} {name}\n" for name, (size, sha) in sorted(self.files.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+    @property
+    def total(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+
+def list_folder(folder: Path) -> FolderListing:
+    listing = FolderListing(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        listing.files[path.relative_to(folder).as_posix()] = (path.stat().st_size, sha256(path))
+    return listing
+
+
+def dataset_name(folder: Path) -> str:
+    return re.sub(r"[^a-zA-Z0-9._-]+", "-", folder.resolve().name).strip("-") or "data"
+
+
+def dataset_folder(listing: FolderListing) -> str:
+    """NAME-DIGEST: the folder's name for people, its content's digest for identity."""
+    return f"{dataset_name(listing.folder)}-{listing.digest[:DIGEST_CHARS]}"
+
+
+def stale_objects(s3, listing: FolderListing, uri: str) -> list[str]:
+    """The keys under `uri` that the folder lacks: the job would read them too."""
     bucket, prefix = split_s3(uri)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return sorted(k for k in remote_objects(s3, bucket, prefix)
+                  if k[len(prefix):] not in listing.files)
+
+
+def check_prefixes(s3, targets: list[tuple[FolderListing, str]], sync: bool, out=sys.stdout) -> None:
+    """Refuse a prefix holding objects its folder lacks (all are looked at before anything is
+    deleted or uploaded); with `sync`, delete those objects."""
+    stale = [(listing, uri, keys) for listing, uri in targets
+             if (keys := stale_objects(s3, listing, uri))]
+    if stale and not sync:
+        listing, uri, keys = stale[0]
+        raise UserInputError(
+            f"{uri} holds {len(keys)} objects that {listing.folder} lacks (e.g. "
+            f"{shorten(keys[0].rsplit('/', 1)[-1], 80)}), which the job would train on too; pass "
+            "--sync to delete them, or delete them yourself."
+        )
+    for listing, uri, keys in stale:
+        bucket, _ = split_s3(uri)
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys a call
+            s3.delete_objects(Bucket=bucket, Delete={
+                "Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+        print(f"--sync: deleted {len(keys)} objects from {uri} that {listing.folder} lacks", file=out)
+
+
+def _earlier_versions(s3, bucket: str, prefix: str) -> dict[tuple[str, int], list[str]]:
+    """(relative path, size) -> keys of that file in the other NAME-DIGEST folders of this
+    dataset name, candidates for a copy within S3."""
+    parent, _, own = prefix.rstrip("/").rpartition("/")
+    name = own[: -(DIGEST_CHARS + 1)]
+    found: dict[tuple[str, int], list[str]] = {}
+    for key, size in remote_objects(s3, bucket, f"{parent}/{name}-").items():
+        version, _, relative = key[len(parent) + 1:].partition("/")
+        if version != own and len(version) == len(own) and relative:
+            found.setdefault((relative, size), []).append(key)
+    return found
+
+
+def upload_folder(s3, listing: FolderListing, uri: str, out=sys.stdout, progress_stream=None) -> int:
+    """Put every file of `listing` under the `uri` prefix: skipped when there with the same size
+    and SHA-256, copied within S3 from an earlier version of the dataset when one holds it,
+    uploaded otherwise; returns the bytes uploaded."""
+    bucket, prefix = split_s3(uri)
     remote = remote_objects(s3, bucket, prefix)
-    todo: list[tuple[Path, str, str]] = []
-    for path in files:
-        key = prefix + path.relative_to(folder).as_posix()
-        digest = sha256(path)
-        if remote.get(key) == path.stat().st_size:
-            head = s3.head_object(Bucket=bucket, Key=key)
-            if head.get("Metadata", {}).get(CHECKSUM_KEY) == digest:
-                continue
-        todo.append((path, key, digest))
-    total = sum(p.stat().st_size for p, _, _ in todo)
-    progress = Progress(f"upload {folder.name}", total, progress_stream)
-    for path, key, digest in todo:
-        s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {CHECKSUM_KEY: digest}},
-                       Callback=progress)
+    earlier = None
+    todo: list[tuple[str, str]] = []
+    copies: list[tuple[str, str, str]] = []
+    there = 0
+    for relative, (size, digest) in listing.files.items():
+        key = prefix + relative
+        if remote.get(key) == size and _checksum(s3, bucket, key) == digest:
+            there += 1
+            continue
+        if earlier is None:
+            earlier = _earlier_versions(s3, bucket, prefix)
+        source = next((k for k in earlier.get((relative, size), [])
+                       if _checksum(s3, bucket, k) == digest), None)
+        if source:
+            copies.append((source, key, digest))
+        else:
+            todo.append((relative, digest))
+    for source, key, digest in copies:
+        s3.copy({"Bucket": bucket, "Key": source}, bucket, key, ExtraArgs={
+            "Metadata": {CHECKSUM_KEY: digest}, "MetadataDirective": "REPLACE"})
+    total = sum(listing.files[relative][0] for relative, _ in todo)
+    progress = Progress(f"upload {listing.folder.name}", total, progress_stream)
+    for relative, digest in todo:
+        if _size_now(listing.folder / relative) != listing.files[relative][0]:
+            raise UserInputError(
+                f"{listing.folder / relative} changed while sm-effdet was checking and uploading "
+                f"{listing.folder}; the files already up stay under {uri}: run the command again "
+                "when the folder no longer changes."
+            )
+        s3.upload_file(str(listing.folder / relative), bucket, prefix + relative,
+                       ExtraArgs={"Metadata": {CHECKSUM_KEY: digest}}, Callback=progress)
     if todo:
         progress.close()
-    print(f"{folder} -> {uri}: {len(todo)} files uploaded ({_size(total)}), "
-          f"{len(files) - len(todo)} already there", file=out)
+    copied = f"{len(copies)} copied within S3 from an earlier upload, " if copies else ""
+    print(f"{listing.folder} -> {uri}: {len(todo)} files uploaded ({_size(total)}), {copied}"
+          f"{there} already there", file=out)
     return total
+
+
+def _size_now(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # deleted since it was listed
+        return None
+
+
+def _checksum(s3, bucket: str, key: str) -> str | None:
+    return s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(CHECKSUM_KEY)

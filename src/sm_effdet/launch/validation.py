@@ -4,7 +4,9 @@ botocore validates a request against SageMaker's service model when it is sent (
 unknown keys, types, minimums) but not the model's patterns, enums and maximums: a job name
 with an underscore or an instance type SageMaker does not know would only fail at the API, after
 the data was uploaded. `check_request` runs botocore's own validation offline and then walks
-the same model for what it leaves out, plus the cross-field rules of training jobs.
+the same model for what it leaves out, plus the rules its documentation states in words: those
+of training jobs here (spot, run times, warm pools, volume keys, reserved tags), those of
+tuning strategies and scaling types in search_space.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from typing import Any
 from ..errors import UserInputError, shorten
 
 SERVICE = "sagemaker"
+# StoppingCondition.MaxRuntimeInSeconds: "The maximum value is 28 days" (the model's docs; its
+# shape has no maximum, so botocore lets a larger one through).
+MAX_RUN_SECONDS = 28 * 24 * 3600
+MAX_WARM_POOL_SECONDS = 21600  # ResourceConfig.KeepAlivePeriodInSeconds's maximum in the model
+RESERVED_TAG_PREFIX = "aws:"
+# Instance families with local NVMe instance storage (EC2's "Instance store volumes" table),
+# which SageMaker encrypts with the instance's own hardware key: ResourceConfig.VolumeKmsKeyId
+# is refused with them ("You can't request a VolumeKmsKeyId when using an instance type with
+# local storage"). A family missing here is sent and left to SageMaker.
+LOCAL_STORAGE_FAMILIES = (
+    "c5d", "m5d", "r5d", "g4dn", "g5", "g6", "g6e", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en",
+    "p6-b200", "trn1", "trn1n", "trn2",
+)
 
 
 def service_model(service: str = SERVICE):
@@ -41,14 +56,28 @@ def check_request(operation: str, params: Mapping[str, Any], service: str = SERV
     problem = _walk(params, shape, operation)
     if problem:
         raise UserInputError(f"the {operation} request is not valid: {problem}.")
+    if operation in ("CreateTrainingJob", "CreateHyperParameterTuningJob"):
+        check_tags(params.get("Tags") or [])
     if operation == "CreateTrainingJob":
         check_training_job_rules(params)
     elif operation == "CreateHyperParameterTuningJob":
+        from .search_space import check_tuning_job_rules
+
         for definition in [params.get("TrainingJobDefinition")] + list(
             params.get("TrainingJobDefinitions") or []
         ):
             if definition:
                 check_training_job_rules(definition)
+        check_tuning_job_rules(params)
+
+
+def check_tags(tags: list[Mapping[str, str]]) -> None:
+    for tag in tags:
+        if str(tag.get("Key", "")).lower().startswith(RESERVED_TAG_PREFIX):
+            raise UserInputError(
+                f"the tag key {shorten(tag['Key'], 60)!r} starts with '{RESERVED_TAG_PREFIX}', "
+                "which AWS reserves for its own tags; choose another key."
+            )
 
 
 def _walk(value: Any, shape, where: str) -> str | None:
@@ -125,6 +154,25 @@ def check_training_job_rules(params: Mapping[str, Any]) -> None:
     max_run = stopping.get("MaxRuntimeInSeconds")
     max_wait = stopping.get("MaxWaitTimeInSeconds")
     spot = params.get("EnableManagedSpotTraining", False)
+    if max_run is not None and max_run > MAX_RUN_SECONDS:
+        raise UserInputError(
+            f"MaxRuntimeInSeconds (--max-run) is {max_run}, over the 28 days ({MAX_RUN_SECONDS} s) "
+            "SageMaker lets a training job run; lower it (a later job can resume from the "
+            "checkpoints)."
+        )
+    resources = params.get("ResourceConfig") or {}
+    if resources.get("KeepAlivePeriodInSeconds") and spot:
+        raise UserInputError(
+            "a warm pool (KeepAlivePeriodInSeconds, --keep-alive-period) cannot be used with "
+            "managed spot training; add --no-spot or leave the warm pool out."
+        )
+    family = str(resources.get("InstanceType", "")).split(".")[1:2]
+    if resources.get("VolumeKmsKeyId") and family and family[0] in LOCAL_STORAGE_FAMILIES:
+        raise UserInputError(
+            f"{resources['InstanceType']} keeps its data on local NVMe storage, which SageMaker "
+            "encrypts with the instance's own key, so it takes no VolumeKmsKeyId (--volume-kms-key); "
+            "leave the key out or choose an instance type with EBS storage (ml.m5, ml.p3, ...)."
+        )
     if spot:
         if max_wait is None:
             raise UserInputError(
