@@ -172,3 +172,27 @@ def aws(moto_endpoint, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     return moto_endpoint
+
+
+def push_image(image: str) -> None:
+    """Put an image under `image`'s repository and tag into the emulator's ECR, as `make push`
+    would (a manifest without layers: moto keeps what ECR's DescribeImages answers with); the
+    launcher refuses an image ECR does not hold."""
+    import boto3
+
+    from sm_effdet.launch.images import ECR_URI
+
+    match = ECR_URI.fullmatch(image)
+    ecr = boto3.client("ecr", region_name=match["region"])
+    try:
+        ecr.create_repository(repositoryName=match["repository"])
+    except ecr.exceptions.RepositoryAlreadyExistsException:
+        pass
+    manifest = {
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
+                   "digest": "sha256:" + "0" * 64},
+        "layers": [],
+    }
+    ecr.put_image(repositoryName=match["repository"], imageManifest=json.dumps(manifest),
+                  imageTag=match["tag"])

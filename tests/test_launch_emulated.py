@@ -21,8 +21,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from conftest import push_image
 
 from sm_effdet.demo import make_shapes_dataset
+from sm_effdet.launch.images import default_image
 
 REPO = Path(__file__).resolve().parents[1]
 SM_EFFDET = REPO / "sm-effdet"
@@ -52,6 +54,8 @@ def shapes(tmp_path_factory) -> Path:
 def clients(aws):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=BUCKET)
+    # The default image (the checkout's commit), pushed as `make push` would: train checks it.
+    push_image(default_image("123456789012", "us-east-1"))
     return {"s3": s3, "sagemaker": boto3.client("sagemaker"), "logs": boto3.client("logs")}
 
 
@@ -122,13 +126,21 @@ def test_emulated_data_without_annotations_is_refused_before_upload(clients, tmp
 # ---------------------------------------------------------------- upload and create
 
 
+def channel_uri(sagemaker, job: str) -> str:
+    return sagemaker.describe_training_job(TrainingJobName=job)["InputDataConfig"][0][
+        "DataSource"]["S3DataSource"]["S3Uri"]
+
+
 def test_emulated_upload_skips_what_is_there_and_the_job_gets_the_request(clients, shapes, tmp_path):
     data = tmp_path / "shapes"
     make_shapes_dataset(data, n_images=8)
     first = sm_effdet(*train_args(data, "--name", "job-1"))
     assert first.returncode == 0, first.stderr
     local = {p.relative_to(data).as_posix(): p.stat().st_size for p in data.rglob("*") if p.is_file()}
-    prefix = f"{BUCKET}/sm-effdet/shapes/data/training/"
+    uri = channel_uri(clients["sagemaker"], "job-1")
+    # The prefix names the folder and its content (tests/test_launch_checks.py: what it holds).
+    assert uri.startswith(f"s3://{BUCKET}/sm-effdet/datasets/shapes-") and uri.endswith("/")
+    prefix = uri[len("s3://"):]
     assert objects(clients["s3"]) == {prefix + k: v for k, v in local.items()}
     assert f"{len(local)} files uploaded" in first.stdout
     assert "8 images" in first.stdout  # the data reader's summary
@@ -138,17 +150,23 @@ def test_emulated_upload_skips_what_is_there_and_the_job_gets_the_request(client
     second = sm_effdet(*train_args(data, "--name", "job-2"))
     assert second.returncode == 0, second.stderr
     assert f"0 files uploaded (0 B), {len(local)} already there" in second.stdout
+    assert channel_uri(clients["sagemaker"], "job-2") == uri
 
-    # Same size, other bytes: the checksum catches it, and only that file goes up again.
+    # A changed folder is a new dataset: a prefix of its own, its unchanged files copied within
+    # S3 from the earlier one, only the new file uploaded; the earlier prefix stays as it was.
     (data / "notes.txt").write_text("aaaa")
-    assert "1 files uploaded" in sm_effdet(*train_args(data, "--name", "job-3")).stdout
+    third = sm_effdet(*train_args(data, "--name", "job-3"))
+    assert f"1 files uploaded (4 B), {len(local)} copied within S3" in third.stdout, third.stdout
+    assert channel_uri(clients["sagemaker"], "job-3") != uri
+    # Same size, other bytes: the checksum catches it, and only that file goes up again.
     (data / "notes.txt").write_text("bbbb")
-    third = sm_effdet(*train_args(data, "--name", "job-4"))
-    assert "1 files uploaded" in third.stdout, third.stdout + third.stderr
+    fourth = sm_effdet(*train_args(data, "--name", "job-4"))
+    assert f"1 files uploaded (4 B), {len(local)} copied within S3" in fourth.stdout, fourth.stdout
+    held = {k: v for k, v in objects(clients["s3"]).items() if k.startswith(prefix)}
+    assert held == {prefix + k: v for k, v in local.items()}
 
     sent = clients["sagemaker"].describe_training_job(TrainingJobName="job-2")
     assert sent["RoleArn"] == ROLE
-    assert sent["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{prefix}"
     assert sent["HyperParameters"] == {"epochs": "1"}
     assert sent["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/sm-effdet/checkpoints/job-2"
     assert sent["EnableManagedSpotTraining"] is True

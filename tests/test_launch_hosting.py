@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from botocore.validate import validate_parameters
+from conftest import push_image
 
 from sm_effdet.errors import UserInputError
 from sm_effdet.launch import deploy, hosting, transform, tuning
@@ -601,6 +602,7 @@ def test_emulated_cli_tune_dry_run_prints_a_valid_request(clients):
 def test_emulated_cli_tune_creates_the_job(clients, tmp_path):
     ranges = tmp_path / "ranges.json"
     ranges.write_text(json.dumps({"batch_size": [4, 8], "augment": None}))
+    push_image(IMAGE)  # tune checks in ECR that the image was pushed
     result = sm_effdet("tune", *job_flags(), "--ranges", str(ranges), "--name", "shapes-tuning", "--no-wait")
     assert result.returncode == 0, result.stderr
     got = clients["sagemaker"].describe_hyper_parameter_tuning_job(HyperParameterTuningJobName="shapes-tuning")

@@ -142,8 +142,9 @@ def test_dry_run_prints_the_exact_request_with_no_credentials(tmp_path):
         "123456789012.dkr.ecr.eu-west-1.amazonaws.com/sm-effdet:")
     assert params["AlgorithmSpecification"]["TrainingInputMode"] == "FastFile"
     assert params["HyperParameters"] == {"epochs": "2", "augment": "false"}
-    assert params["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == (
-        "s3://my-bucket/sm-effdet/shapes/data/training/")
+    # The folder's name and its content's digest (tests/test_launch_checks.py: what it holds).
+    assert re.fullmatch(r"s3://my-bucket/sm-effdet/datasets/shapes-[0-9a-f]{12}/",
+                        params["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"])
     assert params["ResourceConfig"]["InstanceCount"] == 2
     assert params["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
     assert params["CheckpointConfig"]["S3Uri"] == "s3://my-bucket/sm-effdet/checkpoints/dry-1"
