@@ -57,7 +57,9 @@ def summarise_best(
         }
         for label, c in enumerate(categories, start=1)
     ]
-    return BestOutcome(keeper.epoch, results, evaluation, analysis, threshold, f1, confusion, per_class)
+    return BestOutcome(
+        keeper.epoch, results, evaluation, analysis, threshold, f1, confusion, per_class
+    )
 
 
 def add_to_model_card(metadata: dict[str, Any], outcome: BestOutcome | None) -> None:
@@ -85,7 +87,9 @@ def per_class_table(outcome: BestOutcome) -> str:
     return "\n".join(lines)
 
 
-def detections_json(results: np.ndarray, records: list[ImageRecord], categories: list[Category]) -> list[dict]:
+def detections_json(
+    results: np.ndarray, records: list[ImageRecord], categories: list[Category]
+) -> list[dict]:
     """COCO results format with the dataset's own image and category ids."""
     rows = []
     for index, x, y, w, h, score, label in np.asarray(results, np.float64).tolist():

@@ -38,7 +38,9 @@ class BestEvaluation(L.Callback):
 
     # Tensors, so that checkpoints still load with weights_only=True.
     def state_dict(self) -> dict[str, Any]:
-        results = None if self.results is None else torch.from_numpy(np.ascontiguousarray(self.results))
+        results = self.results
+        if results is not None:
+            results = torch.from_numpy(np.ascontiguousarray(results))
         return {"epoch": self.epoch, "results": results}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -92,7 +94,9 @@ class TrainingScalars(L.Callback):
         values["epoch/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         values["epoch/epoch_time"] = seconds
         # Images of this rank, times the ranks: the job's throughput.
-        values["epoch/images_per_second"] = self._epoch_images * trainer.world_size / max(seconds, 1e-9)
+        values["epoch/images_per_second"] = (
+            self._epoch_images * trainer.world_size / max(seconds, 1e-9)
+        )
         trainer.logger.log_metrics(values, step=trainer.current_epoch + 1)
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -75,8 +75,9 @@ def plot_pr_curves(outcome: BestOutcome, names: list[str]) -> bytes:
         scores, precision, recall = coco_eval.precision_recall(outcome.analysis, label)
         if not len(scores):
             continue
+        ap50 = outcome.per_class[label - 1]["AP50"] or 0
         line, = ax.plot(recall, precision, linewidth=0.8 if many else 1.5,
-                        label=None if many else f"{name} AP50={outcome.per_class[label - 1]['AP50'] or 0:.2f}")
+                        label=None if many else f"{name} AP50={ap50:.2f}")
         at = np.nonzero(scores >= outcome.threshold)[0]
         if len(at):
             ax.plot(recall[at[-1]], precision[at[-1]], "o", color=line.get_color())
@@ -88,7 +89,8 @@ def plot_pr_curves(outcome: BestOutcome, names: list[str]) -> bytes:
             ax.plot(recall[at[-1]], precision[at[-1]], "o", color="black", markersize=9,
                     label=f"score >= {outcome.threshold:.3f} (best F1 {outcome.f1:.2f})")
     ax.set(xlim=(0, 1.01), ylim=(0, 1.01), xlabel="recall", ylabel="precision",
-           title=f"precision-recall at IoU 0.5 (epoch {outcome.epoch}); dots: the recommended threshold")
+           title=f"precision-recall at IoU 0.5 (epoch {outcome.epoch}); "
+                 "dots: the recommended threshold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     return _figure_png(fig)
@@ -121,14 +123,17 @@ def size_counts(records: list[ImageRecord]) -> list[int]:
     counts = [0, 0, 0]
     for record in records:
         if len(record.boxes):
-            area = (record.boxes[:, 2] - record.boxes[:, 0]) * (record.boxes[:, 3] - record.boxes[:, 1])
+            boxes = record.boxes
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             sizes = np.searchsorted(SIZE_LIMITS, area, side="right")
             for s in range(3):
                 counts[s] += int((sizes == s).sum())
     return counts
 
 
-def plot_box_sizes(train: list[ImageRecord], val: list[ImageRecord], outcome: BestOutcome | None) -> bytes:
+def plot_box_sizes(
+    train: list[ImageRecord], val: list[ImageRecord], outcome: BestOutcome | None
+) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -180,7 +185,8 @@ def draw_mosaic(records: list[ImageRecord], outcome: BestOutcome, names: list[st
             _box(draw, box * scale, names[int(label) - 1], GT_COLOUR, above=False)
         for row in results[results[:, 0] == index]:
             x, y, w, h = row[1:5] * scale
-            _box(draw, (x, y, x + w, y + h), f"{names[int(row[6]) - 1]} {row[5]:.2f}", PRED_COLOUR, above=True)
+            text = f"{names[int(row[6]) - 1]} {row[5]:.2f}"
+            _box(draw, (x, y, x + w, y + h), text, PRED_COLOUR, above=True)
         canvas.paste(tile, ((n % columns) * MOSAIC_TILE, (n // columns) * MOSAIC_TILE))
     return np.asarray(canvas)
 

@@ -70,13 +70,16 @@ def render_html(
         parts += [
             "<h2>Per class (best epoch, validation)</h2>",
             _table(["class", "id", "AP", "AP50", "validation boxes"],
-                   [[r["name"], r["id"], _fmt(r["AP"]), _fmt(r["AP50"]), r["boxes"]] for r in outcome.per_class]),
+                   [[r["name"], r["id"], _fmt(r["AP"]), _fmt(r["AP50"]), r["boxes"]]
+                    for r in outcome.per_class]),
             "<h2>COCO summary (best epoch)</h2>",
-            _table(list(outcome.evaluation.stats), [[_fmt(v) for v in outcome.evaluation.stats.values()]]),
+            _table(list(outcome.evaluation.stats),
+                   [[_fmt(v) for v in outcome.evaluation.stats.values()]]),
         ]
     for title, name in (("Training curves", "training_curves"), ("Precision-recall", "pr_curves"),
                         ("Confusion matrix", "confusion_matrix"), ("Box sizes", "box_sizes"),
-                        ("Validation predictions (green: ground truth, red: detections)", "predictions")):
+                        ("Validation predictions (green: ground truth, red: detections)",
+                         "predictions")):
         if name in plots:
             encoded = base64.b64encode(plots[name]).decode("ascii")
             parts.append(f"<h2>{html.escape(title)}</h2><img id='{name}' alt='{name}' "
@@ -84,7 +87,8 @@ def render_html(
     counts = data.get("counts", {})
     parts += [
         "<h2>Data</h2>", _table(["count", "value"], [[k, v] for k, v in counts.items()]),
-        "<h3>Split</h3>", _table(["", ""], [[k, _fmt(v)] for k, v in data.get("split", {}).items()]),
+        "<h3>Split</h3>",
+        _table(["", ""], [[k, _fmt(v)] for k, v in data.get("split", {}).items()]),
     ]
     examples = data.get("examples", {})
     if examples:
@@ -94,7 +98,8 @@ def render_html(
         # Every key in first-seen order: epoch 0 of a warm start has validation numbers only.
         keys = list(dict.fromkeys(k for h in history for k in h if k != "epoch"))
         parts += ["<h2>Epochs</h2>",
-                  _table(["epoch"] + keys, [[h.get("epoch")] + [_fmt(h.get(k)) for k in keys] for h in history])]
+                  _table(["epoch"] + keys,
+                         [[h.get("epoch")] + [_fmt(h.get(k)) for k in keys] for h in history])]
     parts += ["<h2>Hyperparameters</h2>",
               _table(["key", "value"], [[k, _fmt(v)] for k, v in hyperparameters.items()]),
               "</body></html>"]
@@ -148,7 +153,8 @@ def write_report(
             path.write_text(json.dumps(detections_json(outcome.results, val_records, categories)))
             path_matrix = folder / "confusion_matrix.json"
             path_matrix.write_text(json.dumps({
-                "labels": names + ["background"], "rows": "true class", "columns": "predicted class",
+                "labels": names + ["background"],
+                "rows": "true class", "columns": "predicted class",
                 "iou_threshold": 0.5, "score_threshold": outcome.threshold,
                 "matrix": outcome.confusion.tolist(),
             }))
@@ -163,7 +169,8 @@ def write_report(
             "classes": len(categories),
         }
         if outcome is not None:
-            summary["recommended score threshold (best F1 at IoU 0.5)"] = round(outcome.threshold, 4)
+            threshold = round(outcome.threshold, 4)
+            summary["recommended score threshold (best F1 at IoU 0.5)"] = threshold
             summary["F1 at that threshold"] = round(outcome.f1, 4)
         page = render_html(summary, data_report.to_dict(), hyperparameters, outcome, history, plots)
         (folder / "index.html").write_text(page, encoding="utf-8")
@@ -172,7 +179,9 @@ def write_report(
         log.exception("report: could not write %s", folder)
     if mosaic is not None and logger is not None:
         try:
-            logger.experiment.add_image("validation/predictions", mosaic, best_epoch or 0, dataformats="HWC")
+            logger.experiment.add_image(
+                "validation/predictions", mosaic, best_epoch or 0, dataformats="HWC"
+            )
             logger.experiment.flush()
         except Exception:
             log.exception("report: could not add the prediction mosaic to TensorBoard")
