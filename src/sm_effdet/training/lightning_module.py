@@ -47,7 +47,7 @@ class EfficientDetModule(L.LightningModule):
         self._result_parts: list[np.ndarray] = []
         self._seen_parts: list[np.ndarray] = []
         # The last finished validation: its deduplicated result rows and COCO evaluation, kept
-        # for the best epoch's report (report.BestEvaluation).
+        # for the best epoch's report (callbacks.BestEvaluation).
         self.val_results: np.ndarray = coco_eval.empty_results()
         self.val_evaluation: coco_eval.Evaluation | None = None
         self.images_seen = 0
