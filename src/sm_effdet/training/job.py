@@ -112,7 +112,12 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     started = time.monotonic()
     stops.start_up("reading the data")
     report = DataReport()
-    categories, train_records, val_records = prepare_data(env, hp, report)
+    try:
+        categories, train_records, val_records = prepare_data(env, hp, report)
+    except UserInputError:
+        if report.counts:  # the counts behind a refusal, in the log and where its message says
+            _report_data(env, report, [], layout)
+        raise
     _report_data(env, report, categories, layout)
 
     import lightning as L
@@ -169,10 +174,11 @@ def _report_data(
     if layout.global_rank == 0:  # only global rank 0 writes reports and the model
         report.write(env.paths.output_data_dir / REPORT_FILE)
     log.info(report.summary())
-    log.info(
-        "classes (%d): %s",
-        len(categories), ", ".join(f"{c.name} (id {c.id})" for c in categories[:50]),
-    )
+    if categories:
+        log.info(
+            "classes (%d): %s",
+            len(categories), ", ".join(f"{c.name} (id {c.id})" for c in categories[:50]),
+        )
 
 
 def _run_settings(hp: Hyperparameters, layout: Layout) -> dict[str, Any]:

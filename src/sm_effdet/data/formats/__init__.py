@@ -107,9 +107,11 @@ def read_channel(name: str, channel: Path, hp: Hyperparameters, report: DataRepo
                  categories: list[Category] | None = None) -> tuple[CocoData, str]:
     reader = detect(channel, hp, name)
     channel_report = DataReport()
-    data = reader.read(channel, hp, channel_report, categories)
     channel_report.formats[name] = reader.NAME
-    report.add_channel(name, channel_report)
+    try:
+        data = reader.read(channel, hp, channel_report, categories)
+    finally:  # a reader that refuses the data leaves its counts for the job to log and write
+        report.add_channel(name, channel_report)
     log.info("channel '%s': %s annotations (%s)", name, NAMES[reader.NAME], data.annotation_file)
     return data, reader.NAME
 
@@ -177,6 +179,7 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
             train_data.images, split_file=None, val_fraction=hp.val_fraction, seed=hp.seed,
             report=report,
         )
+        val_source = f"random split (val_fraction={hp.val_fraction}, seed={hp.seed})"
 
     if not any(len(r.labels) for r in train):
         raise UserInputError(
@@ -189,6 +192,18 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
             f"the validation set from the {val_source} is empty (see output/data/{REPORT_FILE}: "
             f"{report.summary()}); give it usable images, or remove the split file or the "
             "validation channel to hold out val_fraction of the training images at random."
+        )
+    if val and not any(len(r.labels) for r in val):
+        # Scores on no boxes are 0 or undefined: every epoch would tie, and the "best" model
+        # would be picked on nothing.
+        raise UserInputError(
+            f"the validation set from the {val_source} has {len(val)} "
+            f"image{'s' if len(val) != 1 else ''} but no usable box "
+            f"(see output/data/{REPORT_FILE}: {report.summary()}); "
+            + ("choose another seed or a larger val_fraction, or set val_fraction to 0 to train "
+               "without validation." if val_source.startswith("random") else
+               "give the validation images their labels, or remove the validation channel or "
+               "split to hold out val_fraction of the training images at random.")
         )
     return Dataset(train_data.categories, train, val)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import posixpath
 import stat
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -179,10 +181,51 @@ def match_by_name(coco: dict, categories: list[Category], source: Path, report: 
     for name in sorted(set(own_name.values()) - set(train_id)):
         report.add(NOT_IN_TRAINING, f"{source}: {shorten(name)}")
     for ann in coco["annotations"]:
-        name = own_name.get(ann.get("category_id"))
-        ann["category_id"] = train_id.get(name) if name is not None else None
+        if not isinstance(ann, dict):
+            continue  # counted as malformed by coco_records
+        own = ann.get("category_id")
+        name = own_name.get(own) if isinstance(own, (int, str)) else None
+        # Text no dataset uses as an id: the box is dropped as of an unknown category, and the
+        # report's example says why.
+        ann["category_id"] = (f"unknown: {shorten(own, 40)}" if name is None
+                              else train_id.get(name, f"not in training: {shorten(name, 40)}"))
     coco["categories"] = [{"id": c.id, "name": c.name} for c in categories]
     return coco
+
+
+def refuse_shared_files(coco: dict, report: DataReport, refused: dict | None = None) -> None:
+    """Drop the images whose file another image entry names too (two S3 refs copied flat as
+    one file, two built-in JSONs found by one file name): the file cannot be both pictures, so
+    neither is used. `refused` adds image ids already found ambiguous (id: why). They are
+    counted as coco_records would count them: listed, skipped, their boxes not again."""
+    refused = dict(refused or {})
+    first: dict[str, Any] = {}
+    shared: dict[str, set] = defaultdict(set)
+    for entry in coco["images"]:  # COCO-scale manifests: one dict lookup an image, mostly
+        image_id, file_name = entry["id"], entry["file_name"]
+        if image_id in refused:
+            continue
+        if "//" in file_name or "/." in file_name or file_name.startswith("."):
+            file_name = posixpath.normpath(file_name)
+        owner = first.setdefault(file_name, image_id)
+        if owner != image_id:
+            shared[file_name].update((owner, image_id))
+    for file_name, ids in shared.items():
+        if len(ids) > 1:
+            ordered = sorted(ids, key=str)
+            for image_id in ordered:
+                rest = shorten(", ".join(str(i) for i in ordered if i != image_id), 120)
+                refused[image_id] = f"and {rest} all resolve to {shorten(file_name, 100)}"
+    if not refused:
+        return
+    boxes = Counter(a.get("image_id") for a in coco["annotations"] if isinstance(a, dict))
+    for image_id, why in refused.items():
+        report.add("images_listed")
+        report.add("boxes_listed", n=boxes[image_id])
+        report.add("image_skipped_ambiguous_file_name", f"{shorten(str(image_id), 100)} {why}")
+    coco["images"] = [e for e in coco["images"] if e["id"] not in refused]
+    coco["annotations"] = [a for a in coco["annotations"]
+                           if not isinstance(a, dict) or a.get("image_id") not in refused]
 
 
 def records(

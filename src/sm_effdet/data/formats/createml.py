@@ -17,9 +17,11 @@ from .common import (
     categories_by_name,
     first_char,
     image_size,
+    is_image,
     read_json_file,
     records,
     relative,
+    walk_files,
 )
 from .image_records import Category, CocoData, DataReport, safe_join
 from .voc import SPLIT_FOLDERS, split_by_folder
@@ -86,5 +88,11 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
         {"id": k, "image_id": file_name, "category_id": id_of.get(name), "bbox": bbox}
         for k, (file_name, name, bbox) in enumerate(boxes)
     ]
+    listed = {e["file_name"] for e in images}
+    on_disk = (relative(channel, p) for p in walk_files(channel, is_image))
+    unlisted = [f for f in on_disk if f not in listed]
+    if unlisted:  # an image the JSON does not list has unknown boxes: not used, and said so
+        report.add("images_not_in_json_not_used", shorten(", ".join(unlisted[:3]), 160),
+                   n=len(unlisted))
     coco = {"images": images, "annotations": annotations, "categories": coco_categories}
     return records(channel, coco, files[0], report, categories, split=split_by_folder(images))

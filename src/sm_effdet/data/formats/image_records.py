@@ -50,6 +50,13 @@ class ImageRecord:
     crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
 
+# Counts that say nothing was lost or changed; every other count is in the summary line.
+INFORMATIVE = frozenset({
+    "images_listed", "boxes_listed", "images_used", "boxes_used", "image_size_read_from_file",
+    "images_without_boxes_kept_as_negatives", "yaml_path_ignored",
+})
+
+
 @dataclass
 class DataReport:
     """What was found in the data, what was fixed and what was skipped, and why."""
@@ -90,11 +97,10 @@ class DataReport:
         }
 
     def summary(self) -> str:
-        problems = {
-            k: v for k, v in sorted(self.counts.items())
-            if k.startswith(("image_skipped", "image_truncated", "box_dropped", "box_clipped", "crowd",
-                             "split", "category"))
-        }
+        """The line the job logs: what was listed, then every count but the informative ones
+        (images_without_label_file, images_without_xml_not_used, annotation_skipped_...
+        included), so that data not used is never read as "all usable"."""
+        problems = {k: v for k, v in sorted(self.counts.items()) if v and k not in INFORMATIVE}
         listed = (
             f"{self.counts['images_listed']} images and {self.counts['boxes_listed']} boxes listed"
         )
