@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserInputError, shorten
-from .image_records import Category, CocoData, DataReport, coco_records
+from .image_records import Category, CocoData, DataReport, coco_records, shown_size
 
 # The image files the readers look for (by extension, case-insensitive).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -281,11 +281,12 @@ def merge(into: DataReport, part: DataReport) -> None:
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
-    """The image's size from its header (Pillow reads no pixels here); None when unreadable."""
+    """The image's size as shown (EXIF orientation applied: image_records.shown_size), from its
+    header (Pillow reads no pixels here); None when unreadable."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.size
+            return shown_size(img)
     except Exception:
         return None
