@@ -307,6 +307,31 @@ def test_emulated_a_failed_smoke_test_names_sm_effdet_delete_which_removes_it_al
     nothing_created(clients)
 
 
+def test_emulated_after_a_failed_endpoint_the_hint_or_the_rolled_back_update_cleanup(clients, capsys):
+    completed_job(clients)
+    sm = clients["sagemaker"]
+    assert run(clients, "deploy", JOB, "--endpoint-name", "ep", "--no-wait") == 0
+    old = sm.describe_endpoint(EndpointName="ep")["EndpointConfigName"]
+    # A new endpoint that ended Failed: left as it is, with the command that removes it all.
+    moto_record("endpoints", "ep").endpoint_status = "Failed"
+    deploy._after_failure(sm, "ep", old, None, io.StringIO())
+    assert capsys.readouterr().err == ("sm-effdet: the endpoint ep is left as it is; delete it with its "
+                                       "config and model: sm-effdet delete ep\n")
+    # An update SageMaker rolled back (InService on the old config): the new config and model go.
+    moto_record("endpoints", "ep").endpoint_status = "InService"
+    new = hosting.resource_name("ep", "20991231-235959")
+    model_data = sm.describe_training_job(TrainingJobName=JOB)["ModelArtifacts"]["S3ModelArtifacts"]
+    sm.create_model(**hosting.model_request(new, image=IMAGE, role=ROLE, model_data=model_data))
+    sm.create_endpoint_config(**hosting.endpoint_config_request(new, model_name=new, instance_type="ml.m5.xlarge",
+                                                                instance_count=1))
+    out = io.StringIO()
+    deploy._after_failure(sm, "ep", new, {"EndpointConfigName": old}, out)
+    assert out.getvalue().splitlines() == [
+        "Deleting the new config and model that ep does not serve:",
+        f"  DeleteEndpointConfig {new}", f"  DeleteModel {new}"]
+    assert [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]] == [old]
+
+
 def test_a_model_error_in_the_smoke_test_gives_the_hint_and_exit_1(tmp_path, capsys):
     runtime, stub = stubbed("sagemaker-runtime")
     refusal = '{"error": "the image could not be decoded; send a JPEG or PNG."}'
