@@ -458,6 +458,9 @@ def test_a_dry_run_without_credentials_needs_a_role_arn(tmp_path, monkeypatch, c
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert main(["train", "--dry-run", "--data", "s3://b/d/", "--role", "SageMakerRole", "--bucket", "b"]) == 2
     assert "a dry run without a role ARN needs AWS credentials" in capsys.readouterr().err
+    # A malformed --role is refused for what it is, before any call.
+    assert main(["train", "--dry-run", "--data", "s3://b/d/", "--role", "arn:aws:iam::1:user/me"]) == 2
+    assert "--role 'arn:aws:iam::1:user/me' is neither an IAM role ARN" in capsys.readouterr().err
 
 
 # --- 19: endpoints, delete, updates, predict --------------------------------------------

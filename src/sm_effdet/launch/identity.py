@@ -80,21 +80,29 @@ def get_role(name: str, *, given: str, client_for: ClientFor | None = None) -> s
     return role["Arn"]
 
 
-def resolve_role(role: str, *, client_for: ClientFor | None = None, out: TextIO = sys.stderr) -> str:
-    """The role ARN for a role ARN (as it is), a role name or an assumed-role ARN."""
+def role_parts(role: str) -> tuple[str | None, str | None, str] | None:
+    """(partition, account, name) of an assumed-role ARN or a role name (no account); None for
+    a role ARN; refused with one sentence for anything else, before any call."""
     if ROLE_ARN.fullmatch(role):
-        return role
+        return None
     assumed = ASSUMED_ROLE_ARN.fullmatch(role)
     if assumed:
-        partition, account, name = assumed.groups()
-    elif ROLE_NAME.fullmatch(role) and not role.startswith("arn"):
-        partition, account, name = None, None, role
-    else:
-        raise UserInputError(
-            f"--role '{shorten(role)}' is neither an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME), "
-            "a role name, nor a session's assumed-role ARN (arn:aws:sts::ACCOUNT:assumed-role/"
-            "NAME/SESSION); give one of these."
-        )
+        return assumed.group(1), assumed.group(2), assumed.group(3)
+    if ROLE_NAME.fullmatch(role) and not role.startswith("arn"):
+        return None, None, role
+    raise UserInputError(
+        f"--role '{shorten(role)}' is neither an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME), "
+        "a role name, nor a session's assumed-role ARN (arn:aws:sts::ACCOUNT:assumed-role/"
+        "NAME/SESSION); give one of these."
+    )
+
+
+def resolve_role(role: str, *, client_for: ClientFor | None = None, out: TextIO = sys.stderr) -> str:
+    """The role ARN for a role ARN (as it is), a role name or an assumed-role ARN."""
+    parts = role_parts(role)
+    if parts is None:
+        return role
+    partition, account, name = parts
     found = get_role(name, given=role, client_for=client_for)
     if found:
         return found
@@ -125,6 +133,8 @@ def role_and_account(
     role's, and it says so on `out` (a real run always asks STS)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    if role:
+        role_parts(role)  # a malformed --role is refused before any call
     matched = ROLE_ARN.fullmatch(role or "")
     if matched and not need_account:
         return role, None
@@ -160,10 +170,6 @@ def role_and_account(
 
 
 # ---------------------------------------------------------------- the default bucket
-
-
-def default_bucket_name(region: str, account: str) -> str:
-    return f"sagemaker-{region}-{account}"
 
 
 def ensure_default_bucket(s3, bucket: str, *, region: str, account: str, out: TextIO = sys.stdout) -> None:
