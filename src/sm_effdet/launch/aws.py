@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import shorten
+import contextlib
+import re
+
+from ..errors import JobError, shorten
 
 # Throttling and transient errors are retried by botocore's standard mode (exponential backoff
 # with jitter, a retry quota); this many attempts in all before the error reaches the user.
@@ -13,6 +16,57 @@ THROTTLING = {
     "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
     "SlowDown", "RequestThrottled",
 }
+
+
+# An unknown name, as each service words it. Real SageMaker answers DescribeTrainingJob with
+# "ValidationException: Requested resource not found." and DescribeEndpoint (and DeleteEndpoint,
+# DescribeModel, ...) with 'Could not find endpoint "arn:..."'; SageMaker Runtime with
+# "ValidationError: Endpoint X of account N not found."; moto says "Could not find training job
+# 'arn:...'". A ValidationException is only a missing name when its message says so.
+NOT_FOUND_CODES = {
+    "ResourceNotFound", "ResourceNotFoundException", "NoSuchEntity", "NoSuchEntityException",
+    "NoSuchKey", "NoSuchBucket", "NotFound", "404", "RepositoryNotFoundException",
+    "ImageNotFoundException",
+}
+NOT_FOUND_MESSAGE = re.compile(
+    r"requested resource not found|could not find|can(no|')t find|not found|does not exist",
+    re.IGNORECASE,
+)
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """Whether `exc` is AWS saying that the named resource does not exist."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    if code in NOT_FOUND_CODES:
+        return True
+    return code in ("ValidationException", "ValidationError") and bool(
+        NOT_FOUND_MESSAGE.search(str(error.get("Message") or ""))
+    )
+
+
+def not_found_sentence(what: str, name: str, region: str | None, listing: str | None = None) -> str:
+    where = f"region {region}" if region else "this region"
+    hint = f", or list them with `{listing}`" if listing else ""
+    return (f"there is no {what} named {shorten(name, 120)} in {where}; check the name and the "
+            f"region (AWS_REGION, or your profile's region){hint}.")
+
+
+@contextlib.contextmanager
+def named(what: str, name: str, region: str | None, listing: str | None = None):
+    """Around a call that names one resource (Describe*, Delete*, Stop*): AWS's not-found answer,
+    whatever its wording, becomes one sentence naming the resource and the region. Only there:
+    elsewhere "Could not find" may name another thing (CreateModel's missing model data)."""
+    try:
+        yield
+    except Exception as exc:
+        if is_not_found(exc):
+            raise JobError(not_found_sentence(what, name, region, listing)) from None
+        raise
 
 
 def client(service: str, region: str | None = None):
@@ -66,9 +120,12 @@ def explain(exc: BaseException) -> str:
                     "UnrecognizedClientException", "SignatureDoesNotMatch"):
             return (f"AWS did not accept these credentials for {operation} ({message or code}); "
                     "refresh them (aws sso login, or new keys) and run the command again.")
-        if code in ("ValidationException", "ResourceNotFound") and "not find" in message:
-            return (f"{message}; check the name and the region (AWS_REGION), or list the jobs "
-                    "with `aws sagemaker list-training-jobs`.")
+        if is_not_found(exc):
+            from .request import region_name
+
+            region = region_name(required=False) or "the configured region"
+            return (f"{operation}: {message or code}; check the name and the region ({region}, "
+                    "from AWS_REGION or your profile).")
         if code == "ValidationException":
             return f"SageMaker refused {operation}: {message}."
         return f"{operation} failed with {code}: {message or 'no message'}."
