@@ -73,8 +73,9 @@ import bench_train  # noqa: E402
 # calls this file with --child NAME ARGS.
 CHILDREN = {
     f.__name__[len("child_"):]: f
-    for f in (bench_data.child_json_load, bench_data.child_job_dataset, bench_data.child_icevision_parser,
-              bench_serve.child_onnx_cpu, bench_data.child_format_read, bench_data.child_image_headers,
+    for f in (bench_data.child_json_load, bench_data.child_job_dataset,
+              bench_data.child_icevision_parser, bench_serve.child_onnx_cpu,
+              bench_data.child_format_read, bench_data.child_image_headers,
               bench_data.child_groundtruth_read)
 }
 
@@ -119,7 +120,8 @@ def main() -> None:
         channel = None
         if 1 in sections:
             print("1. start-up at COCO scale")
-            channel, lines = bench_data.startup(work, args.images, args.boxes, args.icevision_images)
+            channel, lines = bench_data.startup(work, args.images, args.boxes,
+                                                args.icevision_images)
             print("\n".join(lines), flush=True)
         if 2 in sections:
             print("2. input pipeline, 512 px, batch 16, one process")
@@ -134,7 +136,8 @@ def main() -> None:
                 print(line, flush=True)
         if 5 in sections:
             print("5. serving on CPU, tf_lite0 at 256 px, 640x480 JPEGs")
-            print("\n".join(bench_serve.serving(work, args.serve_requests, args.rss_requests)), flush=True)
+            print("\n".join(bench_serve.serving(work, args.serve_requests, args.rss_requests)),
+                  flush=True)
         if 6 in sections:
             print("6. PyTorch against ONNX Runtime on CPU (tf_lite0 network + effdet post-processing)")
             print(bench_serve.onnx_vs_pytorch(args.onnx_img_size, args.onnx_rounds), flush=True)
@@ -146,13 +149,16 @@ def main() -> None:
             print("\n".join(bench_eval.evaluation(args.eval_images)), flush=True)
         if 9 in sections:
             print("9. TensorBoard on against off (./train)")
-            print("\n".join(bench_train.tensorboard_cost(work, args.tb_epochs, args.tb_repeats)), flush=True)
+            print("\n".join(bench_train.tensorboard_cost(work, args.tb_epochs, args.tb_repeats)),
+                  flush=True)
         if 10 in sections:
             print("10. start-up for other formats (YOLO, Pascal VOC) against json.load of the same COCO")
-            print("\n".join(bench_data.other_formats(work, args.format_images, args.format_boxes)), flush=True)
+            print("\n".join(bench_data.other_formats(work, args.format_images, args.format_boxes)),
+                  flush=True)
         if 11 in sections:
             print("11. start-up: a Ground Truth manifest at COCO scale")
-            print("\n".join(bench_data.groundtruth_startup(work, channel, args.images, args.boxes)), flush=True)
+            print("\n".join(bench_data.groundtruth_startup(work, channel, args.images, args.boxes)),
+                  flush=True)
         if 12 in sections:
             print("12. serving memory: concurrent 39.7-megapixel PNGs, decode budget on and lifted")
             print("\n".join(bench_serve.decode_memory(work, args.decode_requests)), flush=True)

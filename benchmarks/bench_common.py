@@ -41,9 +41,8 @@ def jpeg_set(folder: Path, width: int, height: int, n: int) -> Path:
 
 
 def run_child(name: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(BENCH), "--child", name, *args], capture_output=True, text=True, check=False
-    )
+    out = subprocess.run([sys.executable, str(BENCH), "--child", name, *args],
+                         capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
