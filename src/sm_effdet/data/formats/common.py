@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserInputError, shorten
+from . import scan
 from .image_records import Category, CocoData, DataReport, coco_records
 
 # The image files the readers look for (by extension, case-insensitive).
@@ -34,13 +35,9 @@ def is_image(name: str) -> bool:
 
 
 def walk_files(folder: Path, keep) -> list[Path]:
-    """The files under `folder` (symlinked folders not followed, so the walk stays inside)
-    whose name `keep` accepts, sorted."""
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs.sort()
-        found.extend(Path(parent, f) for f in sorted(files) if keep(f))
-    return found
+    """The files under `folder` whose name `keep` accepts, in walk order: from the job's one
+    bounded walk of the channel (scan.py; symlinked folders not followed)."""
+    return scan.scan(folder).paths(keep)
 
 
 def relative(channel: Path, path: Path) -> str:

@@ -1,5 +1,6 @@
-"""YOLO / Ultralytics: a data.yaml (or, Darknet style, classes.txt / obj.names) and one label
-.txt per image, `class cx cy w h` normalised to 0..1.
+"""YOLO / Ultralytics: a data.yaml (or, Darknet style, classes.txt / obj.names: CVAT's YOLO 1.1,
+LabelImg; yolo_find says where each layout's files are) and one label .txt per image (by the
+rule below, else beside the image), `class cx cy w h` normalised to 0..1.
 
 Behaviour follows Ultralytics' documentation (its code is AGPL: nothing copied). The label of
 an image is found by replacing the last `/images/` of its path with `/labels/` and its
@@ -15,6 +16,7 @@ normalised boxes into pixels.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -26,12 +28,10 @@ from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
 from .common import (
     Boundary,
-    find_class_list,
     image_size,
     is_image,
     map_chunks,
     merge,
-    read_class_list,
     read_text,
     records,
     relative,
@@ -39,38 +39,13 @@ from .common import (
 )
 from .image_records import Category, CocoData, DataReport, safe_join
 from .voc import split_by_folder
+from .yolo_find import YAML_NAMES, darknet_parts, find, label_candidates, label_path, yaml_file
+
+__all__ = ["NAME", "YAML_NAMES", "find", "label_path", "read"]
+
+log = logging.getLogger(__name__)
 
 NAME = "yolo"
-YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
-
-
-def find(channel: Path) -> list[Path]:
-    """A data.yaml at the root, or a Darknet class list beside a labels/ folder."""
-    found = [channel / n for n in YAML_NAMES if (channel / n).is_file()]
-    if found:
-        return found
-    names = find_class_list([channel])
-    if names is not None and names.name != "labelmap.txt" and _has_labels(channel):
-        return [names]
-    return []
-
-
-def _has_labels(channel: Path) -> bool:
-    return any((d / "labels").is_dir() for d in (channel, *_subfolders(channel)))
-
-
-def _subfolders(channel: Path) -> list[Path]:
-    try:
-        return [p for p in channel.iterdir() if p.is_dir()]
-    except OSError:
-        return []
-
-
-def label_path(image: str) -> str:
-    """Ultralytics' documented rule: the last /images/ becomes /labels/, the extension .txt."""
-    head, sep, tail = ("/" + image).rpartition("/images/")
-    stem = os.path.splitext(tail if sep else image)[0]
-    return (head + "/labels/" + stem + ".txt").lstrip("/") if sep else stem + ".txt"
 
 
 def parse_labels(text: str) -> tuple[list[tuple[str, list[float] | None]], int]:
@@ -178,17 +153,9 @@ def _images_of(source: Path, channel: Path, boundary: Boundary, report: DataRepo
 def _parts(channel: Path, boundary: Boundary, report: DataReport
            ) -> tuple[list[str], dict[str, list[str]], Path]:
     """The class names, the images of each part (train, val), and the file naming the data."""
-    yaml_path = next((channel / n for n in YAML_NAMES if (channel / n).is_file()), None)
+    yaml_path = yaml_file(channel)
     if yaml_path is None:
-        class_file = find_class_list([channel])
-        if class_file is None:
-            raise UserInputError(
-                f"no data.yaml, classes.txt nor obj.names in {channel}; add a data.yaml with "
-                "'train', 'val' and 'names'."
-            )
-        names = read_class_list(class_file, boundary)
-        images = [relative(channel, p) for p in walk_files(channel, is_image)]
-        return names, {"all": images}, class_file
+        return darknet_parts(channel, boundary, report)
     boundary.check(yaml_path, "data.yaml")
     try:
         data = yaml.safe_load(read_text(yaml_path, "data.yaml"))
@@ -221,6 +188,13 @@ def _parts(channel: Path, boundary: Boundary, report: DataReport
         parts[part] = images
     if "train" not in parts:
         raise UserInputError(f"{yaml_path} has no 'train' entry; give the training images' folder.")
+    if parts.get("val") and not set(parts["val"]) - set(parts["train"]):
+        # coco128's data.yaml points val at the training images: no image is left to validate
+        # on, so the rule for a dataset without a split applies (val_fraction, at random).
+        del parts["val"]
+        report.add("split_yaml_val_is_train", str(yaml_path))
+        log.warning("%s: 'val' holds only training images (as coco128's does); val_fraction of "
+                    "the training images is held out at random instead", yaml_path)
     return names, parts, yaml_path
 
 
@@ -276,8 +250,8 @@ def read_image(channel: Path, file_name: str, nc: int, boundary: Boundary, repor
     if size is None:
         return entry, []  # counted by coco_records as unreadable
     entry["width"], entry["height"] = width, height = size
-    label = channel / label_path(file_name)
-    if not os.path.lexists(label):
+    label = next((channel / p for p in label_candidates(file_name) if os.path.lexists(channel / p)), None)
+    if label is None:
         report.add("images_without_label_file", n=1)
         return entry, []
     if not boundary.per_image(label, report):
