@@ -382,8 +382,7 @@ def test_a_data_yaml_whose_val_is_its_train_holds_out_val_fraction(tmp_path, cap
         (ch / "labels" / "train2017").mkdir(parents=True, exist_ok=True)
         (ch / "labels" / "train2017" / f"{stem}.txt").write_text(
             "".join(yolo_row(names.index(n), b, (64, 48)) for n, b in boxes))
-    (ch / "coco128.yaml").write_text("# as Ultralytics ships it\n")
-    (ch / "data.yaml").write_text(  # Ultralytics' coco128.yaml, names cut to two
+    (ch / "coco128.yaml").write_text(  # as Ultralytics ships it (names cut to two)
         "path: ../datasets/coco128 # dataset root dir\ntrain: images/train2017 # train images (relative to 'path') 128 images\n"
         "val: images/train2017 # val images (relative to 'path') 128 images\ntest: # test images (optional)\n\n"
         "# Classes\nnames:\n  0: person\n  1: bicycle\n")
@@ -436,6 +435,16 @@ def test_a_label_studio_export_is_named_not_taken_for_createml(tmp_path):
     with pytest.raises(UserInputError, match=r"annotation_format is 'createml' but .* it holds .*"
                                              r"project-1-at-2024-05-01.json, a Label Studio JSON export"):
         read(ch, annotation_format="createml")
+    # its JSON-MIN export: flat tasks, "image" and the boxes under the control's name
+    (ch / "project-1-at-2024-05-01.json").unlink()
+    (ch / "min.json").write_text(json.dumps([{
+        "image": "/data/upload/1/3f1a2b-a.jpg", "id": 1, "label": [{
+            "x": 12.5, "y": 12.5, "width": 25, "height": 25, "rotation": 0,
+            "rectanglelabels": ["cat"], "original_width": 64, "original_height": 48}],
+        "annotator": 1, "annotation_id": 1, "created_at": "2024-05-01T10:00:00.000000Z",
+        "updated_at": "2024-05-01T10:00:00.000000Z", "lead_time": 3.1}]))
+    with pytest.raises(UserInputError, match=r"min.json in the 'training' channel looks like a Label Studio"):
+        read(ch)
 
 
 def test_a_1e308_coordinate_is_dropped_without_numpy_warnings(tmp_path):

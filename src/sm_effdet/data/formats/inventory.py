@@ -11,7 +11,7 @@ from ...errors import shorten
 from . import createml, voc
 from .common import Boundary, first_char, is_image
 from .scan import MAX_DEPTH, scan
-from .yolo_find import CLASS_LISTS, class_list, label_files
+from .yolo_find import CLASS_LISTS, YAML_NAMES, class_list, label_files
 
 # XMLs whose root is read for the message (the first ones in walk order).
 XML_SNIFFED = 1000
@@ -101,6 +101,7 @@ def _yolo(channel: Path, names: list[str]) -> list[str]:
         parts.append(count(len(txts), ".txt file"))
     yamls = [n for n in names if n.lower().endswith((".yaml", ".yml"))]
     if yamls:
-        parts.append(f"{count(len(yamls), 'YAML file')}, such as {shorten(yamls[0], 80)} (a YOLO data.yaml "
-                     "names 'names' or 'nc')")
+        parts.append(f"{count(len(yamls), 'YAML file')}, such as {shorten(yamls[0], 80)} (YOLO's is a "
+                     f"{', '.join(YAML_NAMES)} with 'names' or 'nc', or another YAML with 'train' "
+                     "and 'names')")
     return parts

@@ -2,7 +2,8 @@
 the layouts tools write, and where each image's label is.
 
 - Ultralytics / Roboflow: a data.yaml (the root's, else the shallowest one naming `names` or
-  `nc`); labels by the images -> labels rule.
+  `nc`, else a YAML of another name with `train` and `names`, as Ultralytics' coco128.yaml);
+  labels by the images -> labels rule.
 - CVAT "YOLO 1.1" (datumaro's writer): obj.names, obj.data (`classes = 2`, `train =
   data/train.txt`, `names = data/obj.names`, `backup = backup/`), the subset lists naming
   `data/obj_train_data/a.jpg`, each label beside its image in obj_<subset>_data/. Darknet runs
@@ -32,7 +33,8 @@ DARKNET_DATA = "obj.data"
 LABEL_PROBES = 200
 # obj.data keys naming subset lists, by the part they are used for (lower case; others unused).
 DARKNET_SUBSETS = {"train": "train", "valid": "val", "val": "val", "validation": "val"}
-_YAML_KEY = re.compile(rb"^(names|nc)\s*:", re.M)
+_YAML_NAMES_KEY = re.compile(rb"^(names|nc)\s*:", re.M)
+_YAML_TRAIN_KEY = re.compile(rb"^train\s*:", re.M)
 
 
 def label_path(image: str) -> str:
@@ -54,15 +56,20 @@ def _by_depth(paths: list[Path], channel: Path) -> list[Path]:
 
 
 def yaml_file(channel: Path) -> Path | None:
-    """The root's data.yaml, else the shallowest one below that names `names` or `nc`."""
+    """The root's data.yaml, else the shallowest one below that names `names` or `nc`, else
+    the shallowest YAML of another name (Ultralytics' coco128.yaml) with `train` and `names`."""
     found = [channel / n for n in YAML_NAMES if (channel / n).is_file()]
     if found:
         return found[0]
     boundary = Boundary(channel)
-    for path in _by_depth(scan(channel).paths(lambda n: n in YAML_NAMES), channel):
-        data = head(path, boundary.inside, 65536)
-        if data and _YAML_KEY.search(data):
-            return path
+    yamls = _by_depth(scan(channel).paths(lambda n: n.lower().endswith((".yaml", ".yml"))), channel)
+    for named in (True, False):
+        for path in yamls:
+            if (path.name in YAML_NAMES) != named:
+                continue
+            data = head(path, boundary.inside, 65536)
+            if data and _YAML_NAMES_KEY.search(data) and (named or _YAML_TRAIN_KEY.search(data)):
+                return path
     return None
 
 
