@@ -202,12 +202,13 @@ def records(
 
 # Per-file formats (a label or an XML per image) are read here or by worker processes, chosen
 # from measurements rather than a file count. A worker is a fresh Python (spawn) importing the
-# readers before its first file: WORKER_START_S of CPU (make bench, section 10: 1.3 s on a
-# 2-CPU machine, where a fixed 2,000-file threshold made 3,000 files 3-4x slower pooled). The
+# readers before its first file: WORKER_START_S (make bench, section 10: 1.2-2.0 s on a
+# shared 2-CPU machine, where a fixed 2,000-file threshold made 3,000 files 3-4x slower pooled). The
 # files' own cost varies with the disk (warm page cache ~0.3 ms a file, a network volume far
 # more), so it is measured: the first PROBE_S of reading happens here, and the rest goes to
 # workers only when, at the rate seen, it would take longer here than the workers need to
-# start and share it, with POOL_MARGIN for sending the results back.
+# start and share it, with POOL_MARGIN for sending the results back; as many workers as CPUs
+# are free (idle_cpus: the load average).
 WORKER_START_S = 1.5
 PROBE_S = 0.5
 PROBE_CHUNK = 100
@@ -234,7 +235,7 @@ def map_chunks(function, items: list, *args) -> tuple[list, DataReport]:
         if rest <= 0:
             return results, report
         per_item = (time.perf_counter() - started) / done
-        workers = pool_workers(per_item * rest, cpus)
+        workers = pool_workers(per_item * rest, idle_cpus(cpus))
     else:
         workers = WORKERS
     rest_items = items[done:]
@@ -259,9 +260,24 @@ def map_chunks(function, items: list, *args) -> tuple[list, DataReport]:
     return results, report
 
 
+def idle_cpus(cpus: int) -> int:
+    """The CPUs free for workers: ours less the other runners of the 1-minute load average (on
+    a machine others keep busy, workers would only queue behind them: bench section 10 on a
+    shared 2-CPU machine at a load of 11 read 20,000 files slower pooled)."""
+    try:
+        return free_cpus(cpus, os.getloadavg()[0])
+    except OSError:
+        return cpus
+
+
+def free_cpus(cpus: int, load: float) -> int:
+    others = max(0.0, load - 1)  # this process is one of the runners
+    return max(1, min(cpus, int(cpus - others + 0.5)))
+
+
 def pool_workers(seconds_here: float, cpus: int) -> int:
-    """How many workers read the rest fastest, given how long it would take here: 1 (none)
-    unless starting them and sharing the work beats reading it here."""
+    """How many workers read the rest fastest, given how long it would take here and the CPUs
+    free: 1 (none) unless starting them and sharing the work beats reading it here."""
     if cpus < 2:
         return 1
     pooled = WORKER_START_S + POOL_MARGIN * seconds_here / cpus
