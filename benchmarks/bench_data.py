@@ -212,14 +212,28 @@ def child_format_read(channel: str, fmt: str, workers: str) -> dict:
     from sm_effdet.data.formats import DataReport, common, voc, yolo
     from sm_effdet.hyperparameters import parse_hyperparameters
 
-    if workers == "no":  # one chunk: read in this process, so that its CPU time is all of it
-        common.CHUNK = 10**9
+    # no: all in this process (its CPU time is all of it); yes: always a worker per CPU;
+    # auto: what the job does (map_chunks measures and chooses).
+    common.WORKERS = {"no": 1, "yes": max(2, len(os.sched_getaffinity(0))), "auto": None}[workers]
     reader = {"voc": voc, "yolo": yolo}[fmt]
     started, cpu = time.perf_counter(), time.process_time()
     data = reader.read(Path(channel), parse_hyperparameters({}), DataReport())
     return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
             "images": len(data.images),
             "boxes": sum(len(r.labels) for r in data.images)}
+
+
+def child_worker_start() -> dict:
+    """How long one spawned worker takes to start and read nothing (the readers' imports)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sm_effdet.data.formats import voc
+
+    started = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(voc.parse_xmls, [], ".").result()
+    return {"seconds": time.perf_counter() - started}
 
 
 def child_image_headers(channel: str) -> dict:
@@ -233,21 +247,35 @@ def child_image_headers(channel: str) -> dict:
 
 
 def other_formats(work: Path, n_images: int, n_boxes: int) -> list[str]:
+    from sm_effdet.data.formats.common import WORKER_START_S
+
+    start = run_child("worker_start")
+    lines = [f"  a worker process starts in {start['seconds']:.2f} s (the readers assume "
+             f"WORKER_START_S = {WORKER_START_S} s)"]
+    # A small set first: there a pool costs more than it saves (3,000 files read 3-4x slower
+    # pooled on 2 CPUs under the former fixed 2,000-file threshold).
+    small = other_formats_tree(work / "formats-3000", 3_000, max(1, 3_000 * n_boxes // n_images))
+    for fmt in ("yolo", "voc"):
+        runs = {w: run_child("format_read", str(small[fmt]), fmt, w) for w in ("no", "yes", "auto")}
+        lines.append(f"  {fmt:4s} 3,000 files: {runs['no']['seconds']:.2f} s in one process, "
+                     f"{runs['yes']['seconds']:.2f} s with a worker per CPU, "
+                     f"{runs['auto']['seconds']:.2f} s as the job chooses")
     started = time.perf_counter()
     channels = other_formats_tree(work / "formats", n_images, n_boxes)
-    lines = [f"  generated {n_images} images / {n_boxes} boxes in three formats in "
-             f"{time.perf_counter() - started:.0f} s"]
+    lines.append(f"  generated {n_images} images / {n_boxes} boxes in three formats in "
+                 f"{time.perf_counter() - started:.0f} s")
     baseline = run_child("json_load", str(channels["coco"]))
     # CPU seconds beside wall seconds: on a shared machine the wall clock measures the neighbours.
     lines.append(f"  json.load of the COCO JSON       {baseline['seconds']:7.2f} s wall {baseline['cpu']:7.2f} s CPU")
     for fmt, label in (("yolo", "YOLO labels -> records"), ("voc", "VOC XMLs -> records")):
         alone = run_child("format_read", str(channels[fmt]), fmt, "no")
         pooled = run_child("format_read", str(channels[fmt]), fmt, "yes")
+        chosen = run_child("format_read", str(channels[fmt]), fmt, "auto")
         lines.append(
             f"  {label:32s} {alone['seconds']:7.2f} s wall {alone['cpu']:7.2f} s CPU in one process"
             f" = {alone['cpu'] / baseline['cpu']:.1f}x json.load's CPU; {pooled['seconds']:.2f} s wall"
-            f" with worker processes ({alone['images']} images, {alone['boxes']} boxes, peak "
-            f"{alone['peak_mb']:.0f} MB)"
+            f" with a worker per CPU, {chosen['seconds']:.2f} s as the job chooses ({alone['images']}"
+            f" images, {alone['boxes']} boxes, peak {alone['peak_mb']:.0f} MB)"
         )
     headers = run_child("image_headers", str(channels["yolo"]))
     lines.append(f"  of YOLO's, the image headers     {headers['seconds']:7.2f} s wall {headers['cpu']:7.2f} s CPU"

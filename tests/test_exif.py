@@ -224,7 +224,8 @@ def test_a_size_matching_neither_picture_names_both(tmp_path):
 
 
 def test_the_report_drawing_puts_the_ground_truth_around_the_object(tmp_path):
-    from sm_effdet.evaluation.report import MOSAIC_TILE, BestOutcome, draw_mosaic
+    from sm_effdet.evaluation.best_epoch import BestOutcome
+    from sm_effdet.evaluation.plots import MOSAIC_TILE, draw_mosaic
 
     write_export(tmp_path / "coco", "coco")
     records, _ = read(tmp_path / "coco")

@@ -459,7 +459,9 @@ def _attach_boxes(
     sizes = np.asarray([(r.width, r.height) for r in records] or [(0, 0)], np.float64)
     width, height = sizes[np.maximum(pos, 0), 0], sizes[np.maximum(pos, 0), 1]
     x, y, w, h = boxes.T
-    with np.errstate(invalid="ignore"):
+    # x + w may overflow to inf (a 1e308 coordinate): such a box is judged like any other
+    # (clipped, or dropped as outside), without numpy's warning in the log.
+    with np.errstate(invalid="ignore", over="ignore"):
         x1, y1 = np.clip(x, 0, width), np.clip(y, 0, height)
         x2, y2 = np.clip(x + w, 0, width), np.clip(y + h, 0, height)
         finite = np.isfinite(boxes).all(axis=1)
