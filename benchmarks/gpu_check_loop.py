@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gpu_check import Check
+    from gpu_check_common import Check
 
 
 def synthetic_step(backbone: str, img_size: int, batch: int, device: str, memory_format=None,

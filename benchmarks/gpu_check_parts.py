@@ -17,7 +17,7 @@ from gpu_check_loop import largest_batch, sync, synthetic_step, timed_steps
 from gpu_check_train import dataset, expect, job_env, job_tree, run_train
 
 if TYPE_CHECKING:
-    from gpu_check import Check
+    from gpu_check_common import Check
 
 REPO = Path(__file__).resolve().parents[1]
 

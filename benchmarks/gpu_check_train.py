@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gpu_check import Check
+    from gpu_check_common import Check
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_STEP = re.compile(r"first training step began ([0-9.]+) s after the process started")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 
-from ..errors import JobError, shorten
+from ..errors import JobError, UserInputError, shorten
 
 # Throttling and transient errors are retried by botocore's standard mode (exponential backoff
 # with jitter, a retry quota); this many attempts in all before the error reaches the user.
@@ -69,13 +70,22 @@ def named(what: str, name: str, region: str | None, listing: str | None = None):
         raise
 
 
+def region_name(required: bool = True) -> str | None:
+    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile); no AWS call."""
+    import botocore.session
+
+    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable("region")
+    if not region and required:
+        raise UserInputError("no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or "
+                             "a region in your AWS profile.")
+    return region
+
+
 def client(service: str, region: str | None = None):
     """A client with standard retries; region and credentials from the environment or profile,
     AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>) honoured by botocore itself."""
     import boto3
     from botocore.config import Config
-
-    from .request import region_name
 
     config = Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
     return boto3.session.Session().client(
@@ -121,8 +131,6 @@ def explain(exc: BaseException) -> str:
             return (f"AWS did not accept these credentials for {operation} ({message or code}); "
                     "refresh them (aws sso login, or new keys) and run the command again.")
         if is_not_found(exc):
-            from .request import region_name
-
             region = region_name(required=False) or "the configured region"
             return (f"{operation}: {message or code}; check the name and the region ({region}, "
                     "from AWS_REGION or your profile).")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError, shorten
+from .aws import region_name
 
 PROJECT = "sm-effdet"
 REPOSITORY = "sm-effdet"
@@ -147,17 +147,6 @@ def job_name(backbone: str, now: float | None = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
     slug = re.sub(r"[^a-zA-Z0-9]+", "-", backbone).strip("-")[:63 - len(PROJECT) - len(stamp) - 2]
     return "-".join(p for p in (PROJECT, slug.strip("-"), stamp) if p)
-
-
-def region_name(required: bool = True) -> str | None:
-    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile); no AWS call."""
-    import botocore.session
-
-    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable("region")
-    if not region and required:
-        raise UserInputError("no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or "
-                             "a region in your AWS profile.")
-    return region
 
 
 def role_account(role: str | None) -> str:
