@@ -443,7 +443,8 @@ def test_help_says_what_each_command_does_with_name_and_has_no_flag_tune_refuses
 def test_data_that_is_a_file_is_named_as_a_file(offline, capsys, tmp_path):
     afile = tmp_path / "afile.json"
     afile.write_text("{}")
-    err = refused(capsys, "train", "--dry-run", "--data", str(afile), "--role", ROLE, "--bucket", "bkt")
+    err = refused(capsys, "train", "--dry-run", "--data", str(afile), "--role", ROLE, "--bucket", "bkt",
+                  "--image", IMAGE)
     assert f"--data {afile} is a file; give the folder that holds it ({tmp_path})" in err
     assert "does not exist" not in err
 
@@ -453,7 +454,8 @@ def test_a_refused_symlinked_images_folder_points_at_the_local_checks_report(off
     make_shapes_dataset(data, n_images=3, size=(96, 64))
     (data / "images").rename(tmp_path / "elsewhere")
     (data / "images").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    err = refused(capsys, "train", "--dry-run", "--data", str(data), "--role", ROLE, "--bucket", "bkt")
+    err = refused(capsys, "train", "--dry-run", "--data", str(data), "--role", ROLE, "--bucket", "bkt",
+                  "--image", IMAGE)
     assert "output/data/" not in err
     report = Path(re.search(r"the local check's report (\S+\.json)", err)[1])
     written = json.loads(report.read_text())

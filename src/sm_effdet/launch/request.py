@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError, shorten
+from .aws import region_name
 from .checks import (
     MANIFEST_CHANNELS,
     attribute_names,
@@ -91,12 +91,13 @@ def add_job_arguments(parser: argparse.ArgumentParser, command: str = "train") -
                       "(without it such a prefix is refused)")
 
     aws = parser.add_argument_group("where it runs")
-    aws.add_argument("--role", help="the SageMaker execution role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
-    aws.add_argument("--bucket", help="S3 bucket name for data, checkpoints and outputs "
-                     "(default sagemaker-REGION-ACCOUNT, the SageMaker SDK's bucket)")
+    aws.add_argument("--role", help="the SageMaker execution role: its ARN, its NAME or a session's "
+                     "assumed-role ARN (default: the role of these credentials, as in Studio)")
+    aws.add_argument("--bucket", help="S3 bucket name for data, checkpoints and outputs (default "
+                     "sagemaker-REGION-ACCOUNT, the SageMaker SDK's bucket, created when missing)")
     aws.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix in the bucket (default {DEFAULT_PREFIX})")
-    aws.add_argument("--image", help="training image URI (default: REPOSITORY:TAG in the role "
-                     "account's ECR, as `make push` prints it); checked in ECR before any upload")
+    aws.add_argument("--image", help="training image URI (default: REPOSITORY:TAG in the ECR of "
+                     "these credentials' account, as `make push` prints it); checked in ECR before any upload")
     aws.add_argument("--image-tag", metavar="TAG",
                      help="image tag for the default image (default: git rev-parse --short HEAD)")
     aws.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
@@ -155,7 +156,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, command: str = "train") -
         job.add_argument("--local", action="store_true",
                          help="run the same request on this machine instead of SageMaker")
     job.add_argument("--dry-run", action="store_true",
-                     help="print the exact request as JSON and call nothing")
+                     help="print the exact request as JSON; nothing is created or uploaded")
 
 
 # ---------------------------------------------------------------- small pieces
@@ -190,17 +191,6 @@ def job_name(backbone: str, now: float | None = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
     slug = re.sub(r"[^a-zA-Z0-9]+", "-", backbone).strip("-")[:63 - len(PROJECT) - len(stamp) - 2]
     return "-".join(p for p in (PROJECT, slug.strip("-"), stamp) if p)
-
-
-def region_name(required: bool = True) -> str | None:
-    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile); no AWS call."""
-    import botocore.session
-
-    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable("region")
-    if not region and required:
-        raise UserInputError("no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or "
-                             "a region in your AWS profile.")
-    return region
 
 
 def role_account(role: str | None) -> str:
@@ -347,11 +337,15 @@ class TrainingPlan:
     uploads: list[tuple[FolderListing, str]] = field(default_factory=list)  # folder, S3 prefix
     # Validation images the job will score; None when not known here (data on S3).
     validation_images: int | None = None
+    # (bucket, region, account) of the SDK's default bucket, created when missing.
+    default_bucket: tuple[str, str, str] | None = None
 
 
-def plan_training(args: argparse.Namespace, *, out=sys.stdout) -> TrainingPlan:
-    """Check everything on this machine, no AWS call: the flags, hyperparameters and image, the
-    request, then the local data, whose content names its S3 prefix."""
+def plan_training(args: argparse.Namespace, *, out=sys.stdout, client_for=None) -> TrainingPlan:
+    """Check everything on this machine: the flags, hyperparameters and image, the request,
+    then the local data, whose content names its S3 prefix. Nothing is created or uploaded; the
+    only AWS calls are the role's and the account's (identity.py; none with a role ARN, --image
+    and --bucket)."""
     from ..hyperparameters import parse_hyperparameters
     from .upload import DATASETS, dataset_folder, list_folder
     from .validation import check_request
@@ -361,15 +355,21 @@ def plan_training(args: argparse.Namespace, *, out=sys.stdout) -> TrainingPlan:
     channels = local_channels(args)
     check_job_choices(args, hyperparameters, channels)
     check_instance_type(args.instance_type)
+    folders = check_folders(channels)
     local = bool(getattr(args, "local", False))
     if local:
         region = region_name(required=False) or "us-east-1"
         account = role_account(args.role) if args.role else "000000000000"
         role = args.role or f"arn:aws:iam::{account}:role/sm-effdet-local"
     else:
-        role = args.role
-        account = role_account(role)
+        from .identity import role_and_account
+
         region = region_name()
+        # The role as the SDK resolves it; the account of these credentials (launch/identity.py).
+        role, account = role_and_account(
+            args.role, need_account=not (args.image and args.bucket), dry_run=args.dry_run,
+            client_for=client_for, out=out,
+        )
     image = args.image or default_image(account, region, getattr(args, "image_tag", None))
     if not local:  # a local run may use an image that was only built here (`docker run`)
         check_image(image)
@@ -407,8 +407,6 @@ def plan_training(args: argparse.Namespace, *, out=sys.stdout) -> TrainingPlan:
         check_request("CreateTrainingJob", _as_s3(request) if local else request)
         return request
 
-    folders = check_folders(channels)
-
     def uri_of(channel_name: str, digest_folder: str) -> str:
         value = channels[channel_name]
         if channel_name not in folders:
@@ -442,18 +440,24 @@ def plan_training(args: argparse.Namespace, *, out=sys.stdout) -> TrainingPlan:
         where, _, key = uri[len("s3://"):].partition("/")
         if is_s3(uri) and where not in [b for b, _ in written]:
             written.append((where, key))
-    return TrainingPlan(request=request, image=image, buckets=written,
-                        uploads=uploads, validation_images=validation_images)
+    default = (bucket, region, account) if not args.bucket and not use_files else None
+    return TrainingPlan(request=request, image=image, buckets=written, uploads=uploads,
+                        validation_images=validation_images, default_bucket=default)
 
 
 def carry_out(plan: TrainingPlan, *, s3, ecr: Callable[[str], Any] | None = None,
               sync: bool = False, out=sys.stdout) -> None:
     """What must hold on AWS before the job is created, in this order: the image is in ECR, the
-    buckets can be written, the datasets' prefixes hold nothing the folders lack (or, with
+    SDK's default bucket exists (created when missing), the buckets can be written, the datasets' prefixes hold nothing the folders lack (or, with
     `sync`, no longer do); then the local folders are uploaded."""
     from .upload import check_bucket, check_prefixes, upload_folder
 
     check_image_pushed(plan.image, ecr, out=out)
+    if plan.default_bucket:
+        from .identity import ensure_default_bucket
+
+        bucket, region, account = plan.default_bucket
+        ensure_default_bucket(s3, bucket, region=region, account=account, out=out)
     for bucket, prefix in plan.buckets:
         check_bucket(s3, bucket, prefix)
     check_prefixes(s3, plan.uploads, sync, out=out)
@@ -463,11 +467,11 @@ def carry_out(plan: TrainingPlan, *, s3, ecr: Callable[[str], Any] | None = None
 
 def prepare_training_request(args: argparse.Namespace, *, s3=None,
                              ecr: Callable[[str], Any] | None = None,
-                             out=sys.stdout) -> dict[str, Any]:
+                             out=sys.stdout, client_for=None) -> dict[str, Any]:
     """`plan_training`, then (unless a dry run or local) `carry_out`; returns the validated
     CreateTrainingJob request. `ecr(region)` makes an ECR client to check the image with; None
     leaves it unchecked (and says so)."""
-    plan = plan_training(args, out=out)
+    plan = plan_training(args, out=out, client_for=client_for)
     if args.dry_run:
         print(f"note: the image {plan.image} was not checked in ECR (--dry-run calls nothing).",
               file=sys.stderr)

@@ -112,7 +112,12 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     started = time.monotonic()
     stops.start_up("reading the data")
     report = DataReport()
-    categories, train_records, val_records = prepare_data(env, hp, report)
+    try:
+        categories, train_records, val_records = prepare_data(env, hp, report)
+    except UserInputError:
+        if report.counts:  # the counts behind a refusal, in the log and where its message says
+            _report_data(env, report, [], layout)
+        raise
     _report_data(env, report, categories, layout)
 
     import lightning as L
@@ -169,10 +174,11 @@ def _report_data(
     if layout.global_rank == 0:  # only global rank 0 writes reports and the model
         report.write(env.paths.output_data_dir / REPORT_FILE)
     log.info(report.summary())
-    log.info(
-        "classes (%d): %s",
-        len(categories), ", ".join(f"{c.name} (id {c.id})" for c in categories[:50]),
-    )
+    if categories:
+        log.info(
+            "classes (%d): %s",
+            len(categories), ", ".join(f"{c.name} (id {c.id})" for c in categories[:50]),
+        )
 
 
 def _run_settings(hp: Hyperparameters, layout: Layout) -> dict[str, Any]:
@@ -279,7 +285,7 @@ class TrainingCallbacks:
     """What watches the training: the Trainer's callbacks and logger, and the ones read after."""
 
     best: Any  # best_model.BestModel: the best epoch and its weights
-    best_evaluation: Any  # report.BestEvaluation: the best epoch's validation detections
+    best_evaluation: Any  # callbacks.BestEvaluation: the best epoch's validation detections
     checkpoints: Any  # checkpoints.ResumableCheckpoints
     logger: Any  # Lightning's TensorBoardLogger, or False
     all: list[Any]
@@ -292,7 +298,7 @@ def _callbacks(
     """The epoch line, the choice of the best weights, checkpoints, TensorBoard, early stopping."""
     import lightning as L
 
-    from ..evaluation.report import BestEvaluation, TrainingScalars, tensorboard_logger
+    from ..evaluation.callbacks import BestEvaluation, TrainingScalars, tensorboard_logger
     from .best_model import BestModel
     from .checkpoints import ResumableCheckpoints
     from .metrics_log import EpochSummary
@@ -445,18 +451,18 @@ def write_model_with_onnx(
 def _summarise_best(best_evaluation: Any, val_gt: Any, categories: Any, metadata: dict) -> Any:
     """The best epoch's per-class table (logged) and numbers (into model.json); an error here
     is logged and leaves them out rather than failing a job that trained."""
-    from ..evaluation import report as report_module
+    from ..evaluation.best_epoch import add_to_model_card, per_class_table, summarise_best
 
     try:
-        outcome = report_module.summarise_best(best_evaluation, val_gt, categories)
+        outcome = summarise_best(best_evaluation, val_gt, categories)
     except Exception:
         log.exception("could not evaluate the best epoch's detections for the report")
         return None
-    report_module.add_to_model_card(metadata, outcome)
+    add_to_model_card(metadata, outcome)
     if outcome is not None:
         log.info("best epoch %d per class (validation, IoU 0.5:0.95 and 0.5):\n%s\nrecommended "
                  "score threshold %.4f (best F1 %.3f at IoU 0.5)", outcome.epoch,
-                 report_module.per_class_table(outcome), outcome.threshold, outcome.f1)
+                 per_class_table(outcome), outcome.threshold, outcome.f1)
     return outcome
 
 

@@ -9,12 +9,15 @@ files' `categories`, else the id as text.
 from __future__ import annotations
 
 import math
+import os
+import posixpath
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
-from .common import Boundary, read_json_file, records, walk_files
+from .common import Boundary, is_image, read_json_file, records, refuse_shared_files, walk_files
 from .image_records import Category, CocoData, DataReport, is_valid_id, safe_join
 
 NAME = "builtin"
@@ -64,6 +67,7 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
         )
     boundary = Boundary(channel)
     images, annotations, names = [], [], {}
+    by_name: dict[str, list[str]] | None = None
     for path in walk_files(channel, lambda f: f.lower().endswith(".json")):
         if not boundary.per_image(path, report):
             continue
@@ -77,6 +81,15 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
             report.add("image_skipped_malformed_entry", f"{path.name}: file {shorten(file)}")
             continue
         entry: dict[str, Any] = {"id": file, "file_name": file}
+        if not os.path.lexists(images_channel / file):
+            # AWS's own example names "your_image_directory/sample_image1.jpg" for an image
+            # at the channel's root: a file of that name, if there is exactly one, is it.
+            if by_name is None:
+                by_name = _images_by_name(images_channel)
+            found = by_name.get(posixpath.basename(file), [])
+            if len(found) == 1:
+                entry["file_name"] = found[0]
+                report.add("image_found_by_file_name", f"{shorten(file)} -> {shorten(found[0])}")
         size = item.get("image_size")
         size = size[0] if isinstance(size, list) and size and isinstance(size[0], dict) else {}
         if (w := _number(size.get("width"))) and (h := _number(size.get("height"))):
@@ -101,4 +114,13 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
         )
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": i, "name": names.get(i, str(i))} for i in ids]}
+    refuse_shared_files(coco, report)  # two JSONs found one file by its name
     return records(images_channel, coco, channel, report, categories, image_root=images_channel)
+
+
+def _images_by_name(images_channel: Path) -> dict[str, list[str]]:
+    """The image channel's images by file name (walked once, when a "file" is not found)."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for path in walk_files(images_channel, is_image):
+        found[path.name].append(os.path.relpath(path, images_channel))
+    return found

@@ -7,6 +7,7 @@ image size, so each image's header is read. Classes are named only: ids 1..K by 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,14 @@ from .common import (
     categories_by_name,
     first_char,
     image_size,
+    is_image,
     read_json_file,
     records,
     relative,
+    walk_files,
 )
 from .image_records import Category, CocoData, DataReport, safe_join
+from .scan import head
 from .voc import SPLIT_FOLDERS, split_by_folder
 
 NAME = "createml"
@@ -29,13 +33,27 @@ ROBOFLOW_NAME = "_annotations.createml.json"
 
 
 def find(channel: Path) -> list[Path]:
-    """`*.createml.json` at the root or in a split folder, or a root JSON holding a list."""
+    """`*.createml.json` at the root or in a split folder, or a root JSON holding a list that
+    is not Label Studio's (its exports are lists too)."""
     found = []
+    boundary = Boundary(channel)
     for folder in (channel, *(channel / s for s in SPLIT_FOLDERS)):
         if folder.is_dir():
             found += [p for p in sorted(folder.glob("*.json"))
-                      if p.name.endswith(".createml.json") or (folder == channel and first_char(p) == "[")]
+                      if p.name.endswith(".createml.json") or (
+                          folder == channel and first_char(p) == "[" and not label_studio(p, boundary))]
     return found
+
+
+# Label Studio's JSON export: tasks with "data" and "annotations": [{"result": [{"from_name",
+# "value": {"x", ..., "rectanglelabels"}}]}]; its JSON-MIN export: {"image", "label": [{...,
+# "rectanglelabels"}]}. Coordinates in percent of the image: not CreateML's pixels.
+_LABEL_STUDIO = re.compile(rb'"(rectangle|polygon|keypoint|ellipse|brush)labels"|"from_name"\s*:')
+
+
+def label_studio(path: Path, boundary: Boundary) -> bool:
+    data = head(path, boundary.inside, 65536)
+    return bool(data and _LABEL_STUDIO.search(data))
 
 
 def _number(value: Any) -> float | None:
@@ -86,5 +104,11 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
         {"id": k, "image_id": file_name, "category_id": id_of.get(name), "bbox": bbox}
         for k, (file_name, name, bbox) in enumerate(boxes)
     ]
+    listed = {e["file_name"] for e in images}
+    on_disk = (relative(channel, p) for p in walk_files(channel, is_image))
+    unlisted = [f for f in on_disk if f not in listed]
+    if unlisted:  # an image the JSON does not list has unknown boxes: not used, and said so
+        report.add("images_not_in_json_not_used", shorten(", ".join(unlisted[:3]), 160),
+                   n=len(unlisted))
     coco = {"images": images, "annotations": annotations, "categories": coco_categories}
     return records(channel, coco, files[0], report, categories, split=split_by_folder(images))

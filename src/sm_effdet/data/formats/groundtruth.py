@@ -23,6 +23,7 @@ from typing import Any
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
 from .coco import ANNOTATIONS_FOLDER
+from .common import match_by_name, refuse_shared_files
 from .image_records import Category, CocoData, DataReport, coco_records, safe_join
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ def read(
     try:
         lines = _read_lines(manifest, report)
         attribute = _label_attribute(lines, manifest, hp.label_attribute)
-        data = _coco_dict(lines, manifest, attribute, report)
+        data = _coco_dict(lines, manifest, attribute, report, by_name=categories is not None)
         del lines
         if categories is not None:
-            _match_by_name(data, categories)
+            # Each labelling job numbers its classes itself: ids from another job's class-map
+            # may mean other classes (a class training lacks is dropped and counted).
+            match_by_name(data, categories, manifest, report)
         _resolve_file_names(channel, data, manifest, report)
         return coco_records(channel, data, manifest, report, categories, image_root=channel)
     finally:
@@ -110,6 +113,12 @@ def _read_lines(manifest: Path, report: DataReport) -> list[tuple[int, dict]]:
         ) from None
     if data.startswith(b"\xef\xbb\xbf"):  # a BOM, as Windows editors write it
         data = data[3:]
+    encoding = _wide_encoding(data)
+    if encoding:
+        raise UserInputError(
+            f"manifest {manifest} is {encoding}; save it as UTF-8 text, one JSON object per "
+            "line, as Ground Truth writes it."
+        )
     numbered = [(n, raw) for n, raw in enumerate(data.split(b"\n"), 1) if raw.strip()]
     try:
         # One parser call for the whole file, as fast as json.load of a COCO file; a file with
@@ -120,7 +129,7 @@ def _read_lines(manifest: Path, report: DataReport) -> list[tuple[int, dict]]:
             return [(n, v) for (n, _), v in zip(numbered, values)]
     except (ValueError, RecursionError):
         pass
-    lines = []
+    lines, problems = [], []
     for number, raw in numbered:
         try:
             value = json.loads(raw)  # bytes: a trailing \r is whitespace to the parser
@@ -128,12 +137,50 @@ def _read_lines(manifest: Path, report: DataReport) -> list[tuple[int, dict]]:
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
             problem = getattr(exc, "msg", None) or type(exc).__name__
         if problem:
-            report.add("images_listed")
-            report.add("image_skipped_unreadable_manifest_line",
-                       f"{manifest.name} line {number}: {shorten(problem, 80)}")
+            problems.append(f"{manifest.name} line {number}: {shorten(problem, 80)}")
             continue
         lines.append((number, value))
+    if problems and not lines:
+        raise UserInputError(
+            f"manifest {manifest} {_not_json_lines(data, numbered[0], problems[0])}; a "
+            "manifest holds one JSON object per line (JSON Lines), as Ground Truth writes it: "
+            "write each image's object on a line of its own."
+        )
+    for problem in problems:
+        report.add("images_listed")
+        report.add("image_skipped_unreadable_manifest_line", problem)
     return lines
+
+
+# Byte-order marks of the encodings a Windows editor may save a manifest in; UTF-32's first.
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+         (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """The encoding of a manifest saved as UTF-16 or UTF-32, said as a user can check it."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return f"{name} text (it starts with the {name} byte-order mark)"
+    if b"\x00" in data[:256]:  # JSON text in UTF-8 holds no NUL byte
+        return "UTF-16 or UTF-32 text (it holds NUL bytes), not UTF-8"
+    return None
+
+
+def _not_json_lines(data: bytes, first: tuple[int, bytes], first_problem: str) -> str:
+    """What a manifest none of whose lines is a JSON object holds instead."""
+    try:
+        whole = json.loads(data)
+    except (ValueError, RecursionError):
+        text = shorten(first[1].decode("utf-8", "replace").strip(), 40)
+        return (f"has no line that is a JSON object (line {first[0]} holds {text!r}: "
+                f"{first_problem.split(': ', 1)[-1]})")
+    lines = data.count(b"\n") + 1
+    if isinstance(whole, list):
+        return f"holds one JSON list of {len(whole)} items, not one object per line"
+    if isinstance(whole, dict):
+        return f"holds one JSON object spread over {lines} lines"
+    return f"holds a JSON {type(whole).__name__} ({first_problem})"
 
 
 def _is_box_label(line: dict, key: str) -> bool:
@@ -205,10 +252,14 @@ def _skip_reason(line: dict, attribute: str, label: Any, metadata: dict, boxes: 
     return None
 
 
-def _coco_dict(lines: list[tuple[int, dict]], manifest: Path, attribute: str, report: DataReport) -> dict:
+def _coco_dict(lines: list[tuple[int, dict]], manifest: Path, attribute: str, report: DataReport,
+               by_name: bool = False) -> dict:
     """One COCO image per usable line (id: its source-ref), one annotation per box; the
-    categories are the union of the lines' class-maps."""
+    categories are the union of the lines' class-maps. `by_name` (a validation manifest, to be
+    matched to training by name): each box's category is the name its own line's class-map
+    gives it, as lines of several labelling jobs may number classes differently."""
     images, annotations = [], []
+    unnamed: list[dict] = []  # by_name: boxes whose line's class-map does not name their id
     names: dict[Any, str] = {}
     seen: set = set()  # (key, name) pairs of the class-maps, most of them repeated on every line
     used: set = set()
@@ -226,13 +277,17 @@ def _coco_dict(lines: list[tuple[int, dict]], manifest: Path, attribute: str, re
             report.add(skipped[0], f"{manifest.name} line {number}{skipped[1]}")
             continue
         class_map = metadata.get("class-map")
+        if by_name:
+            items = class_map.items() if isinstance(class_map, dict) else ()
+            line_names = {class_id(k): str(v) for k, v in items}
         for key, name in (class_map.items() if isinstance(class_map, dict) else ()):
             name = str(name)
             if (key, name) in seen:
                 continue
             seen.add((key, name))
             cid = class_id(key)
-            if names.setdefault(cid, name) != name:
+            # (by_name, each line's own names are used: a differing one is no problem)
+            if names.setdefault(cid, name) != name and not by_name:
                 report.add("category_name_differs_between_lines",
                            f"{manifest.name} line {number}: class {key} is '{shorten(name, 40)}', "
                            f"earlier '{names[cid]}'")
@@ -252,6 +307,13 @@ def _coco_dict(lines: list[tuple[int, dict]], manifest: Path, attribute: str, re
                 "bbox": [box.get("left"), box.get("top"), box.get("width"), box.get("height")],
             })
             ids.append(cid)
+            if by_name:
+                if cid in line_names:
+                    annotations[-1]["category_id"] = line_names[cid]
+                elif cid is not None:
+                    unnamed.append(annotations[-1])
+    if by_name:
+        return _named(images, annotations, names, unnamed, report)
     used.update(ids)
     for cid in used - names.keys() - {None}:
         # A class the boxes use but no class-map names: trained under its id, and said so.
@@ -265,18 +327,19 @@ def _coco_dict(lines: list[tuple[int, dict]], manifest: Path, attribute: str, re
     }
 
 
-def _match_by_name(data: dict, categories: list[Category]) -> None:
-    """Give the validation manifest training's class ids, by class name; a name training does
-    not have keeps its own id (the category check then names it)."""
-    training_id = {c.name: c.id for c in categories}
-    new_id = {c["id"]: training_id.get(c["name"], c["id"]) for c in data["categories"]}
-    if all(k == v for k, v in new_id.items()):
-        return
-    for category in data["categories"]:
-        category["id"] = new_id[category["id"]]
-    for annotation in data["annotations"]:
-        if isinstance(annotation, dict) and annotation["category_id"] in new_id:
-            annotation["category_id"] = new_id[annotation["category_id"]]
+def _named(images: list, annotations: list, names: dict, unnamed: list[dict], report: DataReport
+           ) -> dict:
+    """The COCO dict of a manifest read by_name: names as category ids; a box whose line's
+    class-map does not name its id takes another line's name for it, else the id as text."""
+    for annotation in unnamed:
+        cid = annotation["category_id"]
+        if cid not in names:
+            names[cid] = str(cid)
+            report.add("category_not_in_any_class_map", str(cid))
+        annotation["category_id"] = names[cid]
+    used = {a["category_id"] for a in annotations if type(a) is dict} - {None}
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": n, "name": n} for n in sorted(used | set(names.values()))]}
 
 
 def common_prefix(refs: list[str]) -> str:
@@ -293,7 +356,7 @@ def _resolve_file_names(channel: Path, data: dict, manifest: Path, report: DataR
     prefix = common_prefix([e["id"] for e in data["images"]])
     root = str(channel)
     by_name: dict[str, list[str]] | None = None
-    ambiguous: dict[str, list[str]] = {}
+    ambiguous: dict[str, str] = {}
     # The folder where the last image was found by name (images/, say) is tried next, before
     # a search by name.
     folder = ""
@@ -317,20 +380,10 @@ def _resolve_file_names(channel: Path, data: dict, manifest: Path, report: DataR
             if candidates[0].endswith("/" + relative):
                 folder = candidates[0][: -len(relative)]
         elif len(candidates) > 1:
-            ambiguous[entry["id"]] = candidates
-    if not ambiguous:
-        return
-    # Skipped here, so counted here as coco_records would: listed, skipped, boxes not again.
-    boxes = Counter(a.get("image_id") for a in data["annotations"] if isinstance(a, dict))
-    for ref, candidates in ambiguous.items():
-        report.add("images_listed")
-        report.add("boxes_listed", n=boxes[ref])
-        report.add("image_skipped_ambiguous_file_name",
-                   f"{shorten(ref, 100)} matches {shorten(', '.join(candidates[:3]), 160)}")
-    data["images"] = [e for e in data["images"] if e["id"] not in ambiguous]
-    data["annotations"] = [
-        a for a in data["annotations"] if not isinstance(a, dict) or a.get("image_id") not in ambiguous
-    ]
+            ambiguous[entry["id"]] = f"matches {shorten(', '.join(candidates[:3]), 160)}"
+    # s3://b/cam1/0001.jpg and s3://b/cam2/0001.jpg copied flat as one 0001.jpg are refused
+    # here too: the file cannot be both pictures.
+    refuse_shared_files(data, report, ambiguous)
 
 
 def _files_by_name(channel: Path, manifest: Path) -> dict[str, list[str]]:
