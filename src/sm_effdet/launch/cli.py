@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"sm-effdet: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("sm-effdet: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # An upload's interrupt says what is up and that a rerun resumes (upload.py).
+        print(f"sm-effdet: {exc or 'interrupted.'}", file=sys.stderr)
         return 130
     except Exception as exc:
         if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):

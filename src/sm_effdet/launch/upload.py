@@ -113,28 +113,63 @@ def remote_objects(s3, bucket: str, prefix: str) -> dict[str, int]:
     return sizes
 
 
+class UploadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an upload: the message says what is up and that a rerun resumes."""
+
+
 def upload_folder(s3, folder: Path, uri: str, out=sys.stdout, progress_stream=None) -> int:
     """Upload every file under `folder` to the `uri` prefix, skipping files already there with
-    the same size and SHA-256; returns the bytes uploaded."""
+    the same size and SHA-256; returns the bytes uploaded. Ctrl-C raises UploadInterrupted."""
     bucket, prefix = split_s3(uri)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    remote = remote_objects(s3, bucket, prefix)
     todo: list[tuple[Path, str, str]] = []
-    for path in files:
-        key = prefix + path.relative_to(folder).as_posix()
-        digest = sha256(path)
-        if remote.get(key) == path.stat().st_size:
-            head = s3.head_object(Bucket=bucket, Key=key)
-            if head.get("Metadata", {}).get(CHECKSUM_KEY) == digest:
-                continue
-        todo.append((path, key, digest))
+    try:
+        remote = remote_objects(s3, bucket, prefix)
+        for path in files:
+            key = prefix + path.relative_to(folder).as_posix()
+            digest = sha256(path)
+            if remote.get(key) == path.stat().st_size:
+                head = s3.head_object(Bucket=bucket, Key=key)
+                if head.get("Metadata", {}).get(CHECKSUM_KEY) == digest:
+                    continue
+            todo.append((path, key, digest))
+    except KeyboardInterrupt:
+        raise UploadInterrupted(
+            f"interrupted while comparing {folder} with {uri}, before any file was uploaded; "
+            "run the same command again to upload it."
+        ) from None
     total = sum(p.stat().st_size for p, _, _ in todo)
     progress = Progress(f"upload {folder.name}", total, progress_stream)
-    for path, key, digest in todo:
-        s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {CHECKSUM_KEY: digest}},
-                       Callback=progress)
+    done = 0
+    try:
+        for path, key, digest in todo:
+            s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {CHECKSUM_KEY: digest}},
+                           Callback=progress)
+            done += 1
+    except KeyboardInterrupt:
+        # The file in flight may have landed whole before the interrupt reached it (a PUT is
+        # atomic; an interrupted multipart upload is aborted by s3transfer, never left half).
+        if done < len(todo) and _is_up(s3, bucket, todo[done][1], todo[done][2]):
+            done += 1
+        up = len(files) - len(todo) + done
+        if progress.tty:
+            progress.stream.write("\n")
+        raise UploadInterrupted(
+            f"interrupted during the upload of {folder} to {uri}: {up} of {len(files)} files are "
+            f"there ({done} uploaded now); run the same command again to upload the other "
+            f"{len(files) - up}: files already there with the same key, size and SHA-256 are "
+            "skipped."
+        ) from None
     if todo:
         progress.close()
     print(f"{folder} -> {uri}: {len(todo)} files uploaded ({_size(total)}), "
           f"{len(files) - len(todo)} already there", file=out)
     return total
+
+
+def _is_up(s3, bucket: str, key: str, digest: str) -> bool:
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except Exception:  # noqa: BLE001 - a failed look counts it as not up: never over-promise
+        return False
+    return head.get("Metadata", {}).get(CHECKSUM_KEY) == digest
