@@ -47,7 +47,7 @@ SERVE_ENV ?=
 SAMPLE ?=
 serve_env_words = $(if $(findstring ":",$(SERVE_ENV)),$(subst ",,$(subst ":",=,$(subst "$(comma)", ,$(SERVE_ENV)))),$(SERVE_ENV))
 
-.PHONY: help install demo test bench bench-quality build push local-train image-test lint deploy \
+.PHONY: help uv install demo test bench bench-quality build push local-train image-test lint deploy \
 	train-job logs gpu-wheels gpu-check
 
 help: ## List the targets
@@ -57,8 +57,13 @@ help: ## List the targets
 	@echo "Variables: IMAGE=$(IMAGE) TAG=$(TAG) REPOSITORY=$(REPOSITORY) REGION=$(REGION) ACCOUNT=$(ACCOUNT)"
 	@echo "           OPT_ML=$(OPT_ML) BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE)"
 
-install: ## Install uv if missing, then the locked environment (.venv) with dev tools
+# Every target that runs .venv (or `uv run` of the whole project) depends on install, so that it
+# works in a fresh clone; deploy, train-job and logs need only uv: `uv run --only-group launch`
+# makes the launcher's own small environment (tests/test_makefile.py checks both).
+uv: ## Install uv if missing (all that deploy, train-job and logs need)
 	$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+install: uv ## Install uv if missing, then the locked environment (.venv) with dev tools
 	$(UV) sync --frozen
 
 demo: install ## Train on the synthetic demo dataset locally, on CPU (python -m sm_effdet.demo)
@@ -73,10 +78,11 @@ bench: install ## Print speed figures against same-run baselines (not a test; se
 bench-quality: install ## Print model quality on ../shared/data/raccoon (about 2 hours on 2 CPUs; not a test)
 	$(UV) run --frozen python benchmarks/bench_quality.py $(BENCH_QUALITY_ARGS)
 
-gpu-wheels: ## Download here the wheels a GPU device machine lacks for train and serve, into .whl (see README, Performance)
-	bash scripts/gpu_wheels.sh
+gpu-wheels: install ## Download here the wheels a GPU device machine lacks for train and serve, into .whl (see README, Performance)
+	UV="$(UV)" bash scripts/gpu_wheels.sh
 
-gpu-check: ## On a GPU device machine: install .whl beside its torch, write gpu_check.json under OUT (GPU_CHECK_ARGS=--cpu: tiny, here)
+# Only --cpu (here) runs .venv: the GPU run uses the device machine's python3, with no network there.
+gpu-check: $(if $(filter --cpu,$(GPU_CHECK_ARGS)),install) ## On a GPU device machine: install .whl beside its torch, write gpu_check.json under OUT (GPU_CHECK_ARGS=--cpu: tiny, here)
 	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 build: ## Build the image IMAGE:TAG (and IMAGE:latest) for linux/amd64
@@ -110,7 +116,7 @@ local-train: ## Run the image's train on the /opt/ml tree OPT_ML, on all GPUs wh
 	gpus=""; if nvidia-smi >/dev/null 2>&1; then gpus="--gpus all"; fi; \
 	$(DOCKER) run --rm $$gpus --shm-size $(SHM_SIZE) -v "$(abspath $(OPT_ML)):/opt/ml" $(IMAGE):$(TAG) train
 
-deploy: ## SageMaker endpoint from MODEL_DATA=s3://... or TRAINING_JOB=name via sm-effdet deploy (ROLE, INSTANCE_TYPE, IMAGE_URI, SERVE_ENV); make -n deploy prints the call
+deploy: uv ## SageMaker endpoint from MODEL_DATA=s3://... or TRAINING_JOB=name via sm-effdet deploy (ROLE, INSTANCE_TYPE, IMAGE_URI, SERVE_ENV); make -n deploy prints the call
 	@test -n "$(MODEL_DATA)$(TRAINING_JOB)" || { echo "Set MODEL_DATA=s3://.../model.tar.gz or TRAINING_JOB=<a Completed training job>" >&2; exit 1; }
 	@test -n "$(ROLE)$(TRAINING_JOB)" || { echo "Set ROLE=arn:aws:iam::ACCOUNT:role/... (an execution role that can read MODEL_DATA and pull the image)" >&2; exit 1; }
 	region="$(REGION)"; \
@@ -132,14 +138,14 @@ deploy: ## SageMaker endpoint from MODEL_DATA=s3://... or TRAINING_JOB=name via 
 ARGS ?=
 JOB ?=
 
-train-job: ## Launch a SageMaker training job: make train-job ARGS='--data DIR --role ARN ...' (sm-effdet train)
+train-job: uv ## Launch a SageMaker training job: make train-job ARGS='--data DIR --role ARN ...' (sm-effdet train)
 	$(if $(REGION),AWS_REGION=$(REGION)) $(SM_EFFDET) train --image-tag $(TAG) $(ARGS)
 
-logs: ## Follow a training job: make logs JOB=NAME (sm-effdet logs)
+logs: uv ## Follow a training job: make logs JOB=NAME (sm-effdet logs)
 	@test -n "$(JOB)" || { echo "Set JOB=<training job name> (sm-effdet train prints it)" >&2; exit 1; }
 	$(if $(REGION),AWS_REGION=$(REGION)) $(SM_EFFDET) logs $(JOB)
 
-image-test: ## Build the image with buildah (no Docker engine) and check it end to end (as root)
+image-test: install ## Build the image with buildah (no Docker engine) and check it end to end (as root)
 	bash scripts/image_test.sh
 
 lint: ## shellcheck the shell scripts, hadolint the Dockerfile (each when installed)

@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEEL_DIR=${WHEEL_DIR:-.whl}
 PYTHON=${PYTHON:-.venv/bin/python}
-UV=${UV:-uv}
+# Words, not one path: the Makefile passes `python3 -m uv` where uv is not on PATH.
+read -r -a uv <<<"${UV:-uv}"
 # 64 MiB is what travels to the device machine; the rest of the tree needs some of it.
 LIMIT_MB=${LIMIT_MB:-48}
 
@@ -28,7 +29,11 @@ PACKAGES=(
     typing-extensions                           # pydantic-core needs >= 4.16, newer than some images
 )
 
-locked=$("$UV" export --frozen --no-hashes --no-emit-project --no-dev 2>/dev/null)
+if ! command -v "$PYTHON" >/dev/null; then
+    echo "gpu-wheels: $PYTHON is missing; run 'make install' first (make gpu-wheels does)." >&2
+    exit 1
+fi
+locked=$("${uv[@]}" export --frozen --no-hashes --no-emit-project --no-dev)
 pins=()
 for name in "${PACKAGES[@]}"; do
     # Markers split a few packages by Python version; the device runs 3.12.

@@ -82,7 +82,11 @@ def no_annotations(tmp_path: Path) -> Path:
 
 BAD_INPUT = {
     "no role": (lambda d: ["train", "--data", str(d), "--bucket", BUCKET], "no execution role"),
-    "role not an ARN": (lambda d: train_args(d) + ["--role", "SageMakerRole"], "is not an IAM role ARN"),
+    # A role NAME is resolved with IAM GetRole (tests/test_launch_lifecycle.py); moto has none.
+    "role neither an ARN nor a name": (lambda d: train_args(d) + ["--role", "arn:aws:iam::12:role/x"],
+                                       "is neither an IAM role ARN"),
+    "unknown role name": (lambda d: train_args(d) + ["--role", "SageMakerRole"],
+                          "there is no IAM role named SageMakerRole"),
     "missing bucket": (lambda d: train_args(d) + ["--bucket", "no-such-bucket-here"],
                        "the bucket 'no-such-bucket-here' does not exist"),
     "image not in ECR": (lambda d: train_args(d, "--image", "docker.io/me/sm-effdet:1"),

@@ -349,3 +349,27 @@ def test_a_warm_start_refuses_links_out_of_the_model_channel_and_deep_json(train
     reason = (base / "output" / "failure").read_text()
     assert expected in reason and str(channel) in reason, reason
     assert not (base / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (8, 12)),  # the defaults: 8 transforms of 100 MB would be 800 MB
+        ({"SERVE_MAX_PAYLOAD_MB": "5"}, (8, 5)),
+        ({"SERVE_MAX_CONCURRENT_TRANSFORMS": "1"}, (1, 100)),
+        ({"SERVE_MAX_CONCURRENT_TRANSFORMS": "1000"}, (100, 1)),
+    ],
+    ids=["defaults", "small payload", "one transform", "more transforms than megabytes"],
+)
+def test_batch_transform_parameters_stay_within_sagemakers_100_mb(monkeypatch, env, expected):
+    from sm_effdet.serving.app import batch_transform_parameters
+    from sm_effdet.serving.settings import read_settings
+
+    for key in ("SERVE_MAX_PAYLOAD_MB", "SERVE_MAX_CONCURRENT_TRANSFORMS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    params = batch_transform_parameters(read_settings())
+    concurrent, payload = params["MaxConcurrentTransforms"], params["MaxPayloadInMB"]
+    assert (concurrent, payload) == expected
+    assert concurrent * payload <= 100 and params["BatchStrategy"] == "MultiRecord"

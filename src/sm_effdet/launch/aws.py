@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ..errors import shorten
+import contextlib
+import os
+import re
+
+from ..errors import JobError, UserInputError, shorten
 
 # Throttling and transient errors are retried by botocore's standard mode (exponential backoff
 # with jitter, a retry quota); this many attempts in all before the error reaches the user.
@@ -15,13 +19,73 @@ THROTTLING = {
 }
 
 
+# An unknown name, as each service words it. Real SageMaker answers DescribeTrainingJob with
+# "ValidationException: Requested resource not found." and DescribeEndpoint (and DeleteEndpoint,
+# DescribeModel, ...) with 'Could not find endpoint "arn:..."'; SageMaker Runtime with
+# "ValidationError: Endpoint X of account N not found."; moto says "Could not find training job
+# 'arn:...'". A ValidationException is only a missing name when its message says so.
+NOT_FOUND_CODES = {
+    "ResourceNotFound", "ResourceNotFoundException", "NoSuchEntity", "NoSuchEntityException",
+    "NoSuchKey", "NoSuchBucket", "NotFound", "404", "RepositoryNotFoundException",
+    "ImageNotFoundException",
+}
+NOT_FOUND_MESSAGE = re.compile(
+    r"requested resource not found|could not find|can(no|')t find|not found|does not exist",
+    re.IGNORECASE,
+)
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """Whether `exc` is AWS saying that the named resource does not exist."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    if code in NOT_FOUND_CODES:
+        return True
+    return code in ("ValidationException", "ValidationError") and bool(
+        NOT_FOUND_MESSAGE.search(str(error.get("Message") or ""))
+    )
+
+
+def not_found_sentence(what: str, name: str, region: str | None, listing: str | None = None) -> str:
+    where = f"region {region}" if region else "this region"
+    hint = f", or list them with `{listing}`" if listing else ""
+    return (f"there is no {what} named {shorten(name, 120)} in {where}; check the name and the "
+            f"region (AWS_REGION, or your profile's region){hint}.")
+
+
+@contextlib.contextmanager
+def named(what: str, name: str, region: str | None, listing: str | None = None):
+    """Around a call that names one resource (Describe*, Delete*, Stop*): AWS's not-found answer,
+    whatever its wording, becomes one sentence naming the resource and the region. Only there:
+    elsewhere "Could not find" may name another thing (CreateModel's missing model data)."""
+    try:
+        yield
+    except Exception as exc:
+        if is_not_found(exc):
+            raise JobError(not_found_sentence(what, name, region, listing)) from None
+        raise
+
+
+def region_name(required: bool = True) -> str | None:
+    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile); no AWS call."""
+    import botocore.session
+
+    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable("region")
+    if not region and required:
+        raise UserInputError("no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or "
+                             "a region in your AWS profile.")
+    return region
+
+
 def client(service: str, region: str | None = None):
     """A client with standard retries; region and credentials from the environment or profile,
     AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>) honoured by botocore itself."""
     import boto3
     from botocore.config import Config
-
-    from .request import region_name
 
     config = Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
     return boto3.session.Session().client(
@@ -66,9 +130,10 @@ def explain(exc: BaseException) -> str:
                     "UnrecognizedClientException", "SignatureDoesNotMatch"):
             return (f"AWS did not accept these credentials for {operation} ({message or code}); "
                     "refresh them (aws sso login, or new keys) and run the command again.")
-        if code in ("ValidationException", "ResourceNotFound") and "not find" in message:
-            return (f"{message}; check the name and the region (AWS_REGION), or list the jobs "
-                    "with `aws sagemaker list-training-jobs`.")
+        if is_not_found(exc):
+            region = region_name(required=False) or "the configured region"
+            return (f"{operation}: {message or code}; check the name and the region ({region}, "
+                    "from AWS_REGION or your profile).")
         if code == "ValidationException":
             return f"SageMaker refused {operation}: {message}."
         return f"{operation} failed with {code}: {message or 'no message'}."

@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "sm_effdet.launch.tuning_status",
     "sm_effdet.launch.deploy",
     "sm_effdet.launch.transform",
+    "sm_effdet.launch.endpoints",
+    "sm_effdet.launch.predict",
 )
 
 

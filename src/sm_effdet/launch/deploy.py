@@ -1,8 +1,9 @@
 """`sm-effdet deploy`: a real-time endpoint from a training job's model.tar.gz, then one image.
 
-CreateModel, CreateEndpointConfig and CreateEndpoint (UpdateEndpoint when the endpoint exists),
-then wait until InService and send one image (a given one, or a PNG made here) to show the
-answer. What deploy shares with transform is in hosting.py.
+CreateModel, CreateEndpointConfig and CreateEndpoint (UpdateEndpoint when the endpoint exists,
+then the previous config and model are deleted once the new ones serve), then wait until
+InService and send one image (a given one, or a PNG made here) to show the answer. What deploy
+shares with transform is in hosting.py; listing and deleting endpoints is in endpoints.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import UserInputError, shorten
+from .aws import is_not_found
+from .endpoints import delete_config_and_models, replace_old_config
 from .hosting import (
+    check_invoke_body,
+    cleanup_command,
     clients,
     create_model,
     endpoint_config_request,
@@ -24,8 +29,10 @@ from .hosting import (
     image_and_role,
     invoke_request,
     model_arguments,
+    model_request,
     model_source,
     parse_env,
+    print_requests,
     resource_name,
     stamp,
     undone_on_error,
@@ -75,14 +82,17 @@ def generated_png(size: int = 256) -> bytes:
 
 
 def sample_image(path: Path | None) -> tuple[bytes, str, str]:
-    """The body, its content type and how to name it in the output."""
+    """The body, its content type and how to name it in the output; one too large for
+    InvokeEndpoint is refused here, before anything is created."""
     if path is None:
         return generated_png(), "image/png", "a generated 256x256 image"
     content_type = IMAGE_CONTENT_TYPES.get(path.suffix.lower(), "application/x-image")
     try:
-        return path.read_bytes(), content_type, str(path)
+        body = path.read_bytes()
     except OSError as exc:
         raise UserInputError(f"cannot read the --sample image {path}: {exc.strerror}.") from None
+    check_invoke_body(len(body), f"the --sample image {path}")
+    return body, content_type, str(path)
 
 
 def invoke(runtime, endpoint: str, body: bytes, content_type: str, label: str, out: TextIO) -> bool:
@@ -119,48 +129,74 @@ def invoke(runtime, endpoint: str, body: bytes, content_type: str, label: str, o
 
 
 def _existing_endpoint(sagemaker, name: str) -> dict | None:
-    from botocore.exceptions import ClientError
-
     try:
         return sagemaker.describe_endpoint(EndpointName=name)
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        if error.get("Code") == "ValidationException" and "Could not find" in error.get(
-            "Message", ""
-        ):
+    except Exception as exc:
+        if is_not_found(exc):
             return None
         raise
 
 
+def _update_view(describe, old_config: str, new_config: str):
+    """DescribeEndpoint during an update, its status as wait_for reads it: an endpoint still
+    InService on the old config is not updated yet, or, with a FailureReason, failed the update
+    (SageMaker rolls it back to the old config, InService)."""
+
+    def view() -> dict:
+        description = dict(describe())
+        if description["EndpointStatus"] == "InService" and description.get("EndpointConfigName") != new_config:
+            if description.get("FailureReason"):
+                description["EndpointStatus"] = "Failed"
+                description["FailureReason"] = (
+                    f"the update failed and it serves {old_config} again: "
+                    f"{description['FailureReason'].rstrip('.')}"
+                )
+            else:
+                description["EndpointStatus"] = "Updating"
+        return description
+
+    return view
+
+
 def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time.sleep) -> int:
-    parse_env(args.env)  # bad input first, before any call
+    environment = parse_env(args.env)  # bad input first, before any call
+    body, content_type, label = sample_image(args.sample)
     source = model_source(sagemaker, s3, args.source)
-    image_and_role(args, source)
+    image, role = image_and_role(args, source)
     endpoint = args.endpoint_name or source["JobName"] or f"sm-effdet-{stamp()}"
     existing = _existing_endpoint(sagemaker, endpoint)
     if existing and existing["EndpointStatus"] not in ("InService",):
         raise UserInputError(
             f"endpoint {endpoint} exists and is {existing['EndpointStatus']}; wait until it is "
-            "InService to update it (a Failed one must be deleted: aws sagemaker delete-endpoint "
-            f"--endpoint-name {endpoint}), or choose another --endpoint-name."
+            f"InService to update it (a Failed one must be deleted: {cleanup_command(endpoint)}), "
+            "or choose another --endpoint-name."
         )
     names = resource_name(endpoint, stamp())
+    model = model_request(names, image=image, model_data=source["ModelDataUrl"], role=role,
+                          environment=environment)
     config = endpoint_config_request(
         names,
         model_name=names,
         instance_type=args.instance_type,
         instance_count=args.instance_count,
     )
-    endpoint_request(endpoint, names)  # checked before the model is created
-    create_model(sagemaker, args, source, names, out)
+    # Both checked before the model is created.
+    if existing:
+        change = ("UpdateEndpoint", update_endpoint_request(endpoint, names))
+    else:
+        change = ("CreateEndpoint", endpoint_request(endpoint, names))
+    if args.dry_run:
+        print_requests({"CreateModel": model, "CreateEndpointConfig": config, change[0]: change[1]})
+        return 0
+    create_model(sagemaker, model, source, out)
     with undone_on_error(sagemaker, model=names):
         sagemaker.create_endpoint_config(**config)
     print(f"CreateEndpointConfig {names}: {args.instance_count} x {args.instance_type}", file=out)
     with undone_on_error(sagemaker, model=names, endpoint_config=names):
         if existing:
-            sagemaker.update_endpoint(**update_endpoint_request(endpoint, names))
+            sagemaker.update_endpoint(**change[1])
         else:
-            sagemaker.create_endpoint(**endpoint_request(endpoint, names))
+            sagemaker.create_endpoint(**change[1])
     if existing:
         print(
             f"UpdateEndpoint {endpoint}: it exists, so it moves to the new config "
@@ -174,27 +210,62 @@ def deploy(args, *, sagemaker, runtime, s3, out: TextIO = sys.stdout, sleep=time
             f"Not waiting; follow it: aws sagemaker describe-endpoint --endpoint-name {endpoint}",
             file=out,
         )
+        if existing:
+            print(f"The previous config {existing['EndpointConfigName']} and its model stay; "
+                  "a deploy that waits deletes them once the update is InService.", file=out)
         return 0
     print(
         f"Waiting for {endpoint} to be InService (at most {args.wait_minutes:g} minutes):", file=out
     )
+    describe = lambda: sagemaker.describe_endpoint(EndpointName=endpoint)  # noqa: E731
+    if existing:
+        describe = _update_view(describe, existing["EndpointConfigName"], names)
     failed = wait_until(
-        args, f"endpoint {endpoint}", lambda: sagemaker.describe_endpoint(EndpointName=endpoint),
-        "EndpointStatus", "InService",
-        f"endpoint {endpoint} goes on being created: aws sagemaker describe-endpoint "
-        f"--endpoint-name {endpoint}", out=out, sleep=sleep,
+        args, f"endpoint {endpoint}", describe, "EndpointStatus", "InService",
+        f"endpoint {endpoint} goes on being {'updated' if existing else 'created'}: aws "
+        f"sagemaker describe-endpoint --endpoint-name {endpoint}", out=out, sleep=sleep,
     )
     if failed is not None:
+        if failed != 130:
+            _after_failure(sagemaker, endpoint, names, existing, out)
         return failed
-    body, content_type, label = sample_image(args.sample)
-    answered = invoke(runtime, endpoint, body, content_type, label, out)
+    if existing:
+        replace_old_config(sagemaker, endpoint, existing["EndpointConfigName"], names, out=out)
+    # A failed smoke test leaves the endpoint running and billed: say how to remove it all,
+    # whatever the failure (serve's refusal, a timeout, an AWS error, Ctrl-C).
+    hint = (f"sm-effdet: the endpoint {endpoint} keeps running (and billing); delete it with its "
+            f"config and model: {cleanup_command(endpoint)}")
+    try:
+        answered = invoke(runtime, endpoint, body, content_type, label, out)
+    except BaseException:
+        print(hint, file=sys.stderr)
+        raise
+    if not answered:
+        print(hint, file=sys.stderr)
+        return 1
     print(
-        f"Call it: aws sagemaker-runtime invoke-endpoint --endpoint-name {endpoint} "
-        "--content-type image/jpeg --body fileb://photo.jpg out.json",
+        f"Call it: sm-effdet predict {endpoint} photo.jpg (or aws sagemaker-runtime "
+        f"invoke-endpoint --endpoint-name {endpoint} --content-type image/jpeg --body "
+        "fileb://photo.jpg out.json)",
         file=out,
     )
-    print(f"Delete it: aws sagemaker delete-endpoint --endpoint-name {endpoint}", file=out)
-    return 0 if answered else 1
+    print(f"Delete it with its config and model: {cleanup_command(endpoint)}", file=out)
+    return 0
+
+
+def _after_failure(sagemaker, endpoint: str, names: str, existing: dict | None, out: TextIO) -> None:
+    """What is left after an endpoint failed to come up, and the command that removes it."""
+    if existing:
+        # Rolled back: the old config still serves; the new config and model are orphans.
+        description = _existing_endpoint(sagemaker, endpoint) or {}
+        rolled_back = description.get("EndpointStatus") == "InService" and description.get(
+            "EndpointConfigName") == existing["EndpointConfigName"]
+        if rolled_back:  # not while the update still runs (the wait ran out)
+            print(f"Deleting the new config and model that {endpoint} does not serve:", file=out)
+            delete_config_and_models(sagemaker, names, out=out)
+            return
+    print(f"sm-effdet: the endpoint {endpoint} is left as it is; delete it with its config and "
+          f"model: {cleanup_command(endpoint)}", file=sys.stderr)
 
 
 # --- The command ------------------------------------------------------------------------
@@ -221,7 +292,8 @@ def add_commands(subparsers) -> None:
     deploy_parser.set_defaults(run=run_deploy)
 
 
-def run_deploy(args, *, sagemaker=None, runtime=None, s3=None, out: TextIO = sys.stdout) -> int:
+def run_deploy(args, *, sagemaker=None, runtime=None, s3=None, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout  # at call time: tests capture it
     sagemaker, runtime, s3 = clients(
         "sagemaker",
         "sagemaker-runtime",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -23,6 +25,30 @@ from .validation import check_request
 
 NAME_LIMIT = 63  # models, endpoint configs, endpoints and transform jobs
 DEFAULT_INSTANCE_TYPE = "ml.m5.xlarge"
+# What serve decodes (serving/decoding.py: RAW_IMAGE_TYPES, JSON_TYPES, JSONLINES_TYPES; a test
+# keeps the two equal): the launcher imports nothing of serve.
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
+JSON_TYPES = ("application/json",)
+JSONLINES_TYPES = ("application/jsonlines", "application/jsonl", "application/x-jsonlines")
+SERVE_CONTENT_TYPES = IMAGE_TYPES + JSON_TYPES + JSONLINES_TYPES
+# Batch Transform: MaxPayloadInMB at most 100, and MaxConcurrentTransforms x MaxPayloadInMB at
+# most 100 (the service model's documentation); 6 is its default. Sizes are divided by 10^6, so
+# that the payload is large enough whether SageMaker's MB is 10^6 or 2^20 bytes.
+TRANSFORM_MAX_PAYLOAD_MB = 100
+TRANSFORM_DEFAULT_PAYLOAD_MB = 6
+MB = 1_000_000
+# serve's SERVE_MAX_CONCURRENT_TRANSFORMS default: what its /execution-parameters offers.
+SERVE_CONCURRENT_TRANSFORMS = 8
+
+
+def cleanup_command(endpoint: str) -> str:
+    """The one command that deletes an endpoint with its config and model (endpoints.py)."""
+    return f"sm-effdet delete {endpoint}"
+
+
+def print_requests(requests: Mapping[str, Any], out: TextIO | None = None) -> None:
+    """--dry-run: the requests as JSON on stdout alone (as train's), keyed by operation."""
+    print(json.dumps(requests, indent=2, default=str), file=out if out is not None else sys.stdout)
 
 
 def stamp(now: datetime | None = None) -> str:
@@ -57,7 +83,11 @@ def model_source(sagemaker, s3, source: str) -> dict[str, Any]:
     if source.startswith("s3://"):
         found = {"ModelDataUrl": source, "TrainingImage": None, "RoleArn": None, "JobName": None}
     else:
-        job = sagemaker.describe_training_job(TrainingJobName=source)
+        from .aws import named
+
+        with named("training job", source, sagemaker.meta.region_name,
+                   "aws sagemaker list-training-jobs --sort-by CreationTime"):
+            job = sagemaker.describe_training_job(TrainingJobName=source)
         status = job["TrainingJobStatus"]
         if status != "Completed":
             raise UserInputError(
@@ -144,15 +174,60 @@ def update_endpoint_request(name: str, config_name: str) -> dict:
     return request
 
 
-def invoke_request(endpoint: str, body: bytes, content_type: str) -> dict:
+def invoke_body_limit() -> int:
+    """InvokeEndpoint's largest body in bytes (6 MiB: BodyBlob's maximum in botocore's model,
+    which botocore itself does not check before sending)."""
+    from .validation import service_model
+
+    return int(service_model("sagemaker-runtime").shape_for("BodyBlob").metadata["max"])
+
+
+def check_invoke_body(size: int, what: str) -> None:
+    limit = invoke_body_limit()
+    if size > limit:
+        raise UserInputError(
+            f"{what} is {size / 2**20:.1f} MiB, over InvokeEndpoint's limit of {limit / 2**20:g} "
+            "MiB for a request body; send a smaller image (resize or recompress it) or use "
+            "sm-effdet transform, which takes up to 100 MB per object."
+        )
+
+
+def invoke_request(
+    endpoint: str,
+    body: bytes,
+    content_type: str,
+    accept: str = "application/json",
+    custom_attributes: str | None = None,
+) -> dict:
+    check_invoke_body(len(body), "the request body")
     request = {
         "EndpointName": endpoint,
         "ContentType": content_type,
-        "Accept": "application/json",
+        "Accept": accept,
         "Body": body,
     }
+    if custom_attributes:
+        request["CustomAttributes"] = custom_attributes
     check_request("InvokeEndpoint", request, service="sagemaker-runtime")
     return request
+
+
+def check_transform_content_type(content_type: str) -> None:
+    if content_type.split(";", 1)[0].strip().lower() not in SERVE_CONTENT_TYPES:
+        raise UserInputError(
+            f"--content-type {shorten(content_type, 60)!r} is not a type serve decodes; give "
+            f"{', '.join(IMAGE_TYPES + JSON_TYPES)} (one image or JSON document per S3 object) or "
+            "application/jsonlines (one {\"image\": \"<base64>\"} per line)."
+        )
+
+
+def transform_payload_mb(largest_object_bytes: int, content_type: str) -> int:
+    """MaxPayloadInMB for objects of at most `largest_object_bytes`: each object is one record
+    (one request) unless JSON Lines are split per line, whose lines an object's size does not
+    bound from below, so they keep the default batch size."""
+    if content_type in JSONLINES_TYPES:
+        return TRANSFORM_DEFAULT_PAYLOAD_MB
+    return max(1, math.ceil(largest_object_bytes / MB))
 
 
 def transform_request(
@@ -166,10 +241,14 @@ def transform_request(
     instance_type: str = DEFAULT_INSTANCE_TYPE,
     instance_count: int = 1,
     environment: Mapping[str, str] | None = None,
+    max_payload_mb: int | None = None,
 ) -> dict:
+    """`max_payload_mb`: MaxPayloadInMB (transform_payload_mb of the input's largest object),
+    with MaxConcurrentTransforms such that the two stay within SageMaker's 100 MB."""
+    check_transform_content_type(content_type)
     # One image per S3 object is one request; JSON Lines are split per line and batched
     # (serve's application/jsonlines), their answers joined line by line.
-    lines = content_type == "application/jsonlines"
+    lines = content_type in JSONLINES_TYPES
     request: dict[str, Any] = {
         "TransformJobName": name,
         "ModelName": model_name,
@@ -184,6 +263,16 @@ def transform_request(
     if lines:
         request["BatchStrategy"] = "MultiRecord"
         request["TransformOutput"]["AssembleWith"] = "Line"
+    if max_payload_mb is not None:
+        if max_payload_mb > TRANSFORM_MAX_PAYLOAD_MB:
+            raise UserInputError(
+                f"MaxPayloadInMB {max_payload_mb} is over Batch Transform's "
+                f"{TRANSFORM_MAX_PAYLOAD_MB} MB; split the input into smaller objects."
+            )
+        request["MaxPayloadInMB"] = max_payload_mb
+        request["MaxConcurrentTransforms"] = max(
+            1, min(SERVE_CONCURRENT_TRANSFORMS, TRANSFORM_MAX_PAYLOAD_MB // max_payload_mb)
+        )
     if environment:
         request["Environment"] = dict(environment)
     check_request("CreateTransformJob", request)
@@ -193,7 +282,9 @@ def transform_request(
 # --- Creating the model -----------------------------------------------------------------
 
 
-def image_and_role(args, source: Mapping[str, Any]) -> tuple[str, str]:
+def image_and_role(args, source: Mapping[str, Any], *, client_for=None) -> tuple[str, str]:
+    """The image and the execution role's ARN; --role may be a NAME or a session's assumed-role
+    ARN, resolved as the SDK does (identity.py; an ARN takes no call)."""
     image = args.image or source["TrainingImage"]
     role = args.role or source["RoleArn"]
     if not image:
@@ -206,22 +297,21 @@ def image_and_role(args, source: Mapping[str, Any]) -> tuple[str, str]:
             "no execution role for a model given by its S3 URI; pass --role with the ARN of a "
             "role that can read the model and pull the image."
         )
+    if args.role:
+        from .identity import resolve_role
+
+        role = resolve_role(args.role, client_for=client_for, out=sys.stderr)
     return image, role
 
 
-def create_model(sagemaker, args, source: Mapping[str, Any], name: str, out: TextIO) -> str:
-    image, role = image_and_role(args, source)
-    request = model_request(
-        name,
-        image=image,
-        model_data=source["ModelDataUrl"],
-        role=role,
-        environment=parse_env(args.env),
-    )
+def create_model(sagemaker, request: Mapping[str, Any], source: Mapping[str, Any], out: TextIO) -> str:
+    """CreateModel with a request of model_request; one line saying what it serves."""
     sagemaker.create_model(**request)
     origin = f" (training job {source['JobName']})" if source["JobName"] else ""
-    print(f"CreateModel {name}: {source['ModelDataUrl']}{origin}, image {image}", file=out)
-    return name
+    container = request["PrimaryContainer"]
+    print(f"CreateModel {request['ModelName']}: {container['ModelDataUrl']}{origin}, image "
+          f"{container['Image']}", file=out)
+    return request["ModelName"]
 
 
 @contextlib.contextmanager
@@ -322,7 +412,11 @@ def model_arguments(parser) -> None:
         help="a Completed training job's name, or the S3 URI of a model.tar.gz",
     )
     parser.add_argument("--image", help="image URI (default: the training job's image)")
-    parser.add_argument("--role", help="execution role ARN (default: the training job's role)")
+    parser.add_argument(
+        "--role",
+        help="execution role: its ARN, NAME or a session's assumed-role ARN (default: the "
+        "training job's role)",
+    )
     parser.add_argument(
         "--instance-type", default=DEFAULT_INSTANCE_TYPE, help=f"default {DEFAULT_INSTANCE_TYPE}"
     )
@@ -334,6 +428,12 @@ def model_arguments(parser) -> None:
         help="container environment, repeatable (e.g. SERVE_SCORE_THRESHOLD=0.5)",
     )
     parser.add_argument("--no-wait", action="store_true", help="create and return")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the requests as JSON and create nothing (the training job, the model and "
+        "what exists are still read)",
+    )
     parser.add_argument("--poll-seconds", type=float, default=30, help=argparse.SUPPRESS)
 
 

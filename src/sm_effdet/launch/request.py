@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError, shorten
+from .aws import region_name
 
 PROJECT = "sm-effdet"
 REPOSITORY = "sm-effdet"
@@ -72,12 +72,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       "source-ref,bounding-box,bounding-box-metadata)")
 
     aws = parser.add_argument_group("where it runs")
-    aws.add_argument("--role", help="the SageMaker execution role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
-    aws.add_argument("--bucket", help="S3 bucket for data, checkpoints and outputs "
-                     "(default sagemaker-REGION-ACCOUNT, the SageMaker SDK's bucket)")
+    aws.add_argument("--role", help="the SageMaker execution role: its ARN, its NAME or a session's "
+                     "assumed-role ARN (default: the role of these credentials, as in Studio)")
+    aws.add_argument("--bucket", help="S3 bucket for data, checkpoints and outputs (default "
+                     "sagemaker-REGION-ACCOUNT, the SageMaker SDK's bucket, created when missing)")
     aws.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix in the bucket (default {DEFAULT_PREFIX})")
-    aws.add_argument("--image", help="training image URI (default: REPOSITORY:TAG in the role "
-                     "account's ECR, as `make push` prints it)")
+    aws.add_argument("--image", help="training image URI (default: REPOSITORY:TAG in the ECR of "
+                     "these credentials' account, as `make push` prints it)")
     aws.add_argument("--image-tag", metavar="TAG",
                      help="image tag for the default image (default: git rev-parse --short HEAD)")
     aws.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
@@ -111,7 +112,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--local", action="store_true",
                      help="run the same request on this machine instead of SageMaker")
     job.add_argument("--dry-run", action="store_true",
-                     help="print the exact request as JSON and call nothing")
+                     help="print the exact request as JSON; nothing is created or uploaded")
 
 
 # ---------------------------------------------------------------- small pieces
@@ -146,17 +147,6 @@ def job_name(backbone: str, now: float | None = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
     slug = re.sub(r"[^a-zA-Z0-9]+", "-", backbone).strip("-")[:63 - len(PROJECT) - len(stamp) - 2]
     return "-".join(p for p in (PROJECT, slug.strip("-"), stamp) if p)
-
-
-def region_name(required: bool = True) -> str | None:
-    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile); no AWS call."""
-    import botocore.session
-
-    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable("region")
-    if not region and required:
-        raise UserInputError("no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or "
-                             "a region in your AWS profile.")
-    return region
 
 
 def role_account(role: str | None) -> str:
@@ -416,7 +406,9 @@ def check_local_data(channels: dict[str, str], hyperparameters: dict[str, str], 
           f"and {len(dataset.val)} validation images", file=out)
 
 
-def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdout) -> dict[str, Any]:
+def prepare_training_request(
+    args: argparse.Namespace, *, s3=None, out=sys.stdout, client_for=None
+) -> dict[str, Any]:
     """Check everything on this machine (the flags, hyperparameters, image, the request, then
     the local data), then (unless a dry run or local) check the bucket and
     upload the local folders; return the validated CreateTrainingJob request."""
@@ -433,9 +425,14 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
         account = role_account(args.role) if args.role else "000000000000"
         role = args.role or f"arn:aws:iam::{account}:role/sm-effdet-local"
     else:
-        role = args.role
-        account = role_account(role)
+        from .identity import role_and_account
+
         region = region_name()
+        # The role as the SDK resolves it; the account of these credentials (launch/identity.py).
+        role, account = role_and_account(
+            args.role, need_account=not (args.image and args.bucket), dry_run=args.dry_run,
+            client_for=client_for, out=out,
+        )
     image = args.image or default_image(account, region, getattr(args, "image_tag", None))
     if not local:  # a local run may use an image that was only built here (`docker run`)
         check_image(image)
@@ -481,6 +478,10 @@ def prepare_training_request(args: argparse.Namespace, *, s3=None, out=sys.stdou
         return request
     from .upload import check_bucket, upload_folder
 
+    if not args.bucket:
+        from .identity import ensure_default_bucket
+
+        ensure_default_bucket(s3, bucket, region=region, account=account, out=out)
     check_bucket(s3, bucket, prefix)
     for channel_name, folder in uploads.items():
         upload_folder(s3, folder, uris[channel_name], out=out)

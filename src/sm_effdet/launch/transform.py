@@ -9,14 +9,22 @@ from typing import TextIO
 
 from ..errors import UserInputError, shorten
 from .hosting import (
+    JSONLINES_TYPES,
+    MB,
+    SERVE_CONTENT_TYPES,
+    TRANSFORM_MAX_PAYLOAD_MB,
+    check_transform_content_type,
     clients,
     create_model,
     image_and_role,
     model_arguments,
+    model_request,
     model_source,
     parse_env,
+    print_requests,
     resource_name,
     stamp,
+    transform_payload_mb,
     transform_request,
     undone_on_error,
     wait_until,
@@ -24,16 +32,43 @@ from .hosting import (
 from .upload import split_s3
 
 
-def _check_input(s3, uri: str) -> int:
+def input_objects(s3, uri: str, content_type: str, page_size: int | None = None) -> tuple[int, int]:
+    """The number of objects under `uri` and the largest one's size, all pages listed: each
+    object is one request of the job (one record; JSON Lines are split per line), so none may
+    be empty nor over Batch Transform's 100 MB."""
     bucket, prefix = split_s3(uri)
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1000)
-    count = listing.get("KeyCount", 0)
+    count, largest, largest_key, empty = 0, 0, "", []
+    kwargs = {"Bucket": bucket, "Prefix": prefix, **({"MaxKeys": page_size} if page_size else {})}
+    while True:
+        page = s3.list_objects_v2(**kwargs)
+        for item in page.get("Contents", []):
+            count += 1
+            if item["Size"] == 0:
+                empty.append(item["Key"])
+            if item["Size"] > largest:
+                largest, largest_key = item["Size"], item["Key"]
+        if not page.get("IsTruncated"):
+            break
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
     if not count:
         raise UserInputError(
             f"there are no objects under {shorten(uri, 200)}; upload the images (one per object) "
             "or JSON Lines there first (aws s3 sync FOLDER URI)."
         )
-    return count
+    if empty:
+        raise UserInputError(
+            f"{len(empty)} of the objects under {shorten(uri, 200)} are empty (the first: "
+            f"s3://{bucket}/{shorten(empty[0], 120)}, a console folder marker or a failed upload); "
+            "Batch Transform sends each as a request and serve refuses an empty body: delete them."
+        )
+    whole = content_type not in JSONLINES_TYPES
+    if whole and largest > TRANSFORM_MAX_PAYLOAD_MB * MB:
+        raise UserInputError(
+            f"s3://{bucket}/{shorten(largest_key, 120)} is {largest / MB:.1f} MB, over Batch "
+            f"Transform's {TRANSFORM_MAX_PAYLOAD_MB} MB per request (MaxPayloadInMB); shrink or "
+            "split it, or move it out of the input prefix."
+        )
+    return count, largest
 
 
 def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep) -> int:
@@ -43,12 +78,15 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
             f"--input {shorten(args.input, 100)!r} is not an S3 URI; give the s3:// prefix that "
             "holds the images."
         )
+    check_transform_content_type(args.content_type)
     source = model_source(sagemaker, s3, args.source)
-    image_and_role(args, source)
-    count = _check_input(s3, args.input)
+    image, role = image_and_role(args, source)
+    count, largest = input_objects(s3, args.input, args.content_type)
     name = args.name or resource_name(source["JobName"] or "sm-effdet-transform", stamp())
     bucket, _ = split_s3(args.input)
     output = args.output or f"s3://{bucket}/sm-effdet/transform/{name}/"
+    model = model_request(name, image=image, model_data=source["ModelDataUrl"], role=role,
+                          environment=environment)
     request = transform_request(
         name,
         model_name=name,
@@ -59,14 +97,19 @@ def transform(args, *, sagemaker, s3, out: TextIO = sys.stdout, sleep=time.sleep
         instance_type=args.instance_type,
         instance_count=args.instance_count,
         environment=environment,
+        max_payload_mb=transform_payload_mb(largest, args.content_type),
     )
-    create_model(sagemaker, args, source, name, out)
+    if args.dry_run:
+        print_requests({"CreateModel": model, "CreateTransformJob": request})
+        return 0
+    create_model(sagemaker, model, source, out)
     with undone_on_error(sagemaker, model=name):
         sagemaker.create_transform_job(**request)
-    more = "+" if count >= 1000 else ""
     print(
-        f"CreateTransformJob {name}: {count}{more} objects under {args.input} "
-        f"({args.content_type}) -> {output}",
+        f"CreateTransformJob {name}: {count} objects under {args.input} "
+        f"({args.content_type}, the largest {largest / MB:.2f} MB; MaxPayloadInMB "
+        f"{request['MaxPayloadInMB']}, MaxConcurrentTransforms "
+        f"{request['MaxConcurrentTransforms']}) -> {output}",
         file=out,
     )
     if args.no_wait:
@@ -118,7 +161,7 @@ def add_commands(subparsers) -> None:
     transform_parser.add_argument(
         "--content-type",
         default="image/jpeg",
-        help="image/jpeg (default), image/png, application/x-image, application/jsonlines",
+        help=f"what serve decodes: {', '.join(SERVE_CONTENT_TYPES[:5])} (default image/jpeg)",
     )
     transform_parser.add_argument("--accept", default="application/json")
     transform_parser.add_argument(
@@ -128,6 +171,7 @@ def add_commands(subparsers) -> None:
     transform_parser.set_defaults(run=run_transform)
 
 
-def run_transform(args, *, sagemaker=None, s3=None, out: TextIO = sys.stdout) -> int:
+def run_transform(args, *, sagemaker=None, s3=None, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout  # at call time: tests capture it
     sagemaker, s3 = clients("sagemaker", "s3", given={"sagemaker": sagemaker, "s3": s3})
     return transform(args, sagemaker=sagemaker, s3=s3, out=out)

@@ -134,11 +134,18 @@ async def ping() -> Response:
 
 @app.get("/execution-parameters")
 async def execution_parameters() -> dict[str, Any]:
-    s = state.settings
+    return batch_transform_parameters(state.settings)
+
+
+def batch_transform_parameters(s: Settings) -> dict[str, Any]:
+    """What Batch Transform asks for when a job leaves them out. SageMaker refuses a job whose
+    MaxConcurrentTransforms x MaxPayloadInMB exceeds 100 MB, so the payload offered shrinks with
+    the concurrency (8 transforms: 12 MB each), never beyond what this server accepts."""
+    concurrent = min(s.max_concurrent_transforms, 100)
     return {
-        "MaxConcurrentTransforms": s.max_concurrent_transforms,
+        "MaxConcurrentTransforms": concurrent,
         "BatchStrategy": "MultiRecord",
-        "MaxPayloadInMB": max(1, min(100, int(s.max_payload_mb))),
+        "MaxPayloadInMB": max(1, min(100 // concurrent, int(s.max_payload_mb))),
     }
 
 

@@ -58,7 +58,9 @@ def choose_backend(requested: str, model_dir: Path, device: torch.device) -> str
 
 def decoded_pixels(data: bytes, img_size: int) -> int:
     """About how many pixels decoding `data` holds at once, read from its header (0 if unreadable:
-    decode_image then refuses it). JPEGs of at least twice img_size decode at a reduced scale."""
+    decode_image then refuses it). JPEGs of at least twice img_size decode at a reduced scale.
+    An EXIF orientation changes nothing here: the pixels are turned once the decoded image is
+    freed (preprocessing.turn_upright), and a turn keeps their number."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height, is_jpeg = img.width, img.height, img.format == "JPEG"

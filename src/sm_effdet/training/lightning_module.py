@@ -42,6 +42,7 @@ class EfficientDetModule(L.LightningModule):
         self.report = report
         self._skipped_names: set[str] = set()
         self._truncated_names: set[str] = set()
+        self._exif_ignored_names: set[str] = set()
         self._first_step_logged = False
         # This epoch's validation: result rows per batch and the image indices they cover.
         self._result_parts: list[np.ndarray] = []
@@ -129,6 +130,16 @@ class EfficientDetModule(L.LightningModule):
                 self._truncated_names.add(file_name)
                 self.report.add("image_truncated_but_used", file_name)
                 log.warning("%s is cut short; its missing bottom rows are used as grey", file_name)
+        for file_name, orientation in batch.get("exif_ignored", ()):
+            if file_name not in self._exif_ignored_names:
+                if not self._exif_ignored_names:  # one line for a dataset of them, counted in the report
+                    log.warning(
+                        "%s is annotated with its stored size, not its size as shown (EXIF orientation "
+                        "%d): its boxes are taken as drawn on the unturned pixels (LabelImg's way), "
+                        "and it trains unturned while the server turns pictures upright; count: "
+                        "image_exif_orientation_not_applied in data_report.json", file_name, orientation)
+                self._exif_ignored_names.add(file_name)
+                self.report.add("image_exif_orientation_not_applied", f"{file_name}: orientation {orientation}")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         stops.pause_for_test("training")

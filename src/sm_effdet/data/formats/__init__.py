@@ -4,7 +4,9 @@
 call it, and neither knows which format it got. Every reader (one module per format, each with
 NAME, find and read) turns its files into COCO-shaped data and hands it to
 `image_records.coco_records`, so that all formats share one validation and one data report;
-`split` holds the one split rule. Nothing here imports torch.
+`split` holds the one split rule. Each format's files are found by content in one bounded walk
+of the channel that every reader shares (`scan`); when none is found, the message says where
+the job looked and what the channel holds instead (`inventory`). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from ...errors import UserInputError, shorten
 from ...hyperparameters import Hyperparameters
-from . import builtin, coco, createml, groundtruth, voc, yolo
+from . import builtin, coco, createml, groundtruth, inventory, scan, voc, yolo
 from .common import Boundary
 from .image_records import (
     MAX_IMAGE_PIXELS,
@@ -56,8 +58,9 @@ DESCRIPTIONS = {
     "coco": "a COCO JSON at the root or in annotations/",
     "groundtruth": "a Ground Truth manifest (.manifest or .jsonl)",
     "builtin": "the built-in algorithm's per-image JSONs in a *_annotation channel",
-    "voc": "Pascal VOC XMLs (at the root, in Annotations/ or in train/ valid/)",
-    "yolo": "a YOLO data.yaml, or classes.txt / obj.names beside a labels/ folder",
+    "voc": "Pascal VOC XMLs (files with an <annotation> root, anywhere in it)",
+    "yolo": "a YOLO data.yaml, or classes.txt / obj.names with label files (rows of class cx cy w "
+            "h) in labels/ or beside the images",
     "createml": "a CreateML JSON list (*.createml.json)",
 }
 NAMES = {"coco": "COCO", "groundtruth": "Ground Truth", "builtin": "built-in algorithm",
@@ -80,7 +83,8 @@ def detect(channel: Path, hp: Hyperparameters, name: str):
         if reader is not coco and not reader.find(channel):
             raise UserInputError(
                 f"annotation_format is '{chosen}' but the '{name}' channel ({channel}) does not "
-                f"hold {DESCRIPTIONS[chosen]}; add them, or set annotation_format to auto."
+                f"hold {DESCRIPTIONS[chosen]} (the job {inventory.where(channel)}; it holds "
+                f"{inventory.holds(channel)}); add them, or set annotation_format to auto."
             )
         return reader
     if hp.annotations_file and name == TRAINING:
@@ -100,7 +104,35 @@ def detect(channel: Path, hp: Hyperparameters, name: str):
             f"the '{name}' channel ({channel}) holds annotations in more than one format: {both}; "
             "keep one format per channel, or choose one with the annotation_format hyperparameter."
         )
-    return found[0][0] if found else coco
+    if found:
+        return found[0][0]
+    return _nothing_found(channel, hp, name)
+
+
+def _nothing_found(channel: Path, hp: Hyperparameters, name: str):
+    """COCO when the channel has JSONs where COCO's are (its messages say what is wrong with
+    them); else one sentence: where the job looked and what the channel holds instead."""
+    jsons = [p for folder in (channel, channel / coco.ANNOTATIONS_FOLDER) if folder.is_dir()
+             for p in sorted(folder.glob("*.json")) if str(p.relative_to(channel)) != hp.split_file]
+    boundary = Boundary(channel)
+    studio = next((p for p in jsons if createml.label_studio(p, boundary)), None)
+    if studio is not None:
+        raise UserInputError(
+            f"{studio} in the '{name}' channel looks like a Label Studio JSON export (tasks whose "
+            "'annotations' hold 'result' boxes in percent of the image), which this job does not "
+            "read; export the project from Label Studio as COCO, Pascal VOC or YOLO instead."
+        )
+    if jsons:
+        return coco
+    advice = (", or name a COCO JSON with the annotations_file hyperparameter"
+              if name == TRAINING else "")
+    raise UserInputError(
+        f"no COCO annotation file (.json) found at the root of {channel} nor in its "
+        f"{coco.ANNOTATIONS_FOLDER}/ folder, nor another format's files anywhere in it (the job "
+        f"{inventory.where(channel)}, reading XMLs, label files and JSONs for their content); it "
+        f"holds {inventory.holds(channel)}; add the '{name}' channel's annotations (see the README's "
+        f"Annotation formats){advice}."
+    )
 
 
 def read_channel(name: str, channel: Path, hp: Hyperparameters, report: DataReport,
@@ -110,6 +142,13 @@ def read_channel(name: str, channel: Path, hp: Hyperparameters, report: DataRepo
     channel_report.formats[name] = reader.NAME
     try:
         data = reader.read(channel, hp, channel_report, categories)
+        listing = scan.cached(channel)
+        if listing is not None and listing.deep_folders:
+            channel_report.add("folders_below_depth_limit_not_searched", listing.deep_folders[0],
+                               n=len(listing.deep_folders))
+            log.warning("channel '%s': folders more than %d levels deep were not searched (%d, "
+                        "such as %s)", name, scan.MAX_DEPTH, len(listing.deep_folders),
+                        listing.deep_folders[0])
     finally:  # a reader that refuses the data leaves its counts for the job to log and write
         report.add_channel(name, channel_report)
     log.info("channel '%s': %s annotations (%s)", name, NAMES[reader.NAME], data.annotation_file)
@@ -137,6 +176,11 @@ def read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: Data
     """Read the channels' annotations (by channel name: "training", "validation", ...; local
     folders) and split; fail when nothing usable is left. `report` receives the counts per
     channel and the split."""
+    with scan.session():
+        return _read_dataset(channels, hp, report)
+
+
+def _read_dataset(channels: Mapping[str, Path], hp: Hyperparameters, report: DataReport) -> Dataset:
     training_name, validation_name = _channel_names(channels)
     training, validation = channels[training_name], channels.get(validation_name or "")
     split_path = None

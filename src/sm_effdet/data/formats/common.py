@@ -14,13 +14,15 @@ import multiprocessing
 import os
 import posixpath
 import stat
+import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ...errors import UserInputError, shorten
-from .image_records import Category, CocoData, DataReport, coco_records
+from . import scan
+from .image_records import Category, CocoData, DataReport, coco_records, shown_size
 
 # The image files the readers look for (by extension, case-insensitive).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -35,13 +37,9 @@ def is_image(name: str) -> bool:
 
 
 def walk_files(folder: Path, keep) -> list[Path]:
-    """The files under `folder` (symlinked folders not followed, so the walk stays inside)
-    whose name `keep` accepts, sorted."""
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs.sort()
-        found.extend(Path(parent, f) for f in sorted(files) if keep(f))
-    return found
+    """The files under `folder` whose name `keep` accepts, in walk order: from the job's one
+    bounded walk of the channel (scan.py; symlinked folders not followed)."""
+    return scan.scan(folder).paths(keep)
 
 
 def relative(channel: Path, path: Path) -> str:
@@ -245,31 +243,88 @@ def records(
     return data
 
 
-# Per-file formats (a label or an XML per image) cost ~0.25 ms of CPU a file: a COCO-sized
-# dataset is read by worker processes, CHUNK files a task (make bench, section 10).
-CHUNK = 2_000
+# Per-file formats (a label or an XML per image) are read here or by worker processes, chosen
+# from measurements rather than a file count. A worker is a fresh Python (spawn) importing the
+# readers before its first file: WORKER_START_S (make bench, section 10: 1.2-2.0 s on a
+# shared 2-CPU machine, where a fixed 2,000-file threshold made 3,000 files 3-4x slower pooled). The
+# files' own cost varies with the disk (warm page cache ~0.3 ms a file, a network volume far
+# more), so it is measured: the first PROBE_S of reading happens here, and the rest goes to
+# workers only when, at the rate seen, it would take longer here than the workers need to
+# start and share it, with POOL_MARGIN for sending the results back; as many workers as CPUs
+# are free (idle_cpus: the load average).
+WORKER_START_S = 1.5
+PROBE_S = 0.5
+PROBE_CHUNK = 100
+POOL_MARGIN = 1.3
+# None: choose as above; 1: always in this process; n >= 2: always n workers (tests, bench).
+WORKERS: int | None = None
 
 
 def map_chunks(function, items: list, *args) -> tuple[list, DataReport]:
-    """function(items_chunk, *args) -> (results, DataReport) over all items, results in order;
-    in worker processes when there are several chunks and CPUs, else here."""
-    chunks = [items[k:k + CHUNK] for k in range(0, len(items), CHUNK)]
-    workers = min(len(chunks), len(os.sched_getaffinity(0)), 16)
+    """function(items_chunk, *args) -> (results, DataReport) over all items, results in order:
+    in this process, or in worker processes when measured to be faster (see WORKERS)."""
     report = DataReport()
-    if workers < 2:
-        parts = [function(chunk, *args) for chunk in chunks]
+    results: list = []
+    done = 0
+    cpus = min(len(os.sched_getaffinity(0)), 16)
+    if WORKERS is None or WORKERS == 1:
+        started = time.perf_counter()
+        while done < len(items) and (WORKERS == 1 or time.perf_counter() - started < PROBE_S):
+            found, part = function(items[done:done + PROBE_CHUNK], *args)
+            results.extend(found)
+            merge(report, part)
+            done += PROBE_CHUNK
+        rest = len(items) - done
+        if rest <= 0:
+            return results, report
+        per_item = (time.perf_counter() - started) / done
+        workers = pool_workers(per_item * rest, idle_cpus(cpus))
     else:
-        # spawn, not fork: the job may hold threads (torch's) that a fork would copy half-made.
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            parts = list(pool.map(function, chunks, *([a] * len(chunks) for a in args)))
-        finally:  # a stop lands here as an exception: leave the queued chunks undone
-            pool.shutdown(wait=False, cancel_futures=True)
-    results = []
+        workers = WORKERS
+    rest_items = items[done:]
+    if not rest_items:
+        return results, report
+    if workers < 2:
+        found, part = function(rest_items, *args)
+        results.extend(found)
+        merge(report, part)
+        return results, report
+    size = max(1, -(-len(rest_items) // (workers * 4)))  # four tasks a worker: the load evens out
+    chunks = [rest_items[k:k + size] for k in range(0, len(rest_items), size)]
+    # spawn, not fork: the job may hold threads (torch's) that a fork would copy half-made.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        parts = list(pool.map(function, chunks, *([a] * len(chunks) for a in args)))
+    finally:  # a stop lands here as an exception: leave the queued chunks undone
+        pool.shutdown(wait=False, cancel_futures=True)
     for found, part in parts:
         results.extend(found)
         merge(report, part)
     return results, report
+
+
+def idle_cpus(cpus: int) -> int:
+    """The CPUs free for workers: ours less the other runners of the 1-minute load average (on
+    a machine others keep busy, workers would only queue behind them: bench section 10 on a
+    shared 2-CPU machine at a load of 11 read 20,000 files slower pooled)."""
+    try:
+        return free_cpus(cpus, os.getloadavg()[0])
+    except OSError:
+        return cpus
+
+
+def free_cpus(cpus: int, load: float) -> int:
+    others = max(0.0, load - 1)  # this process is one of the runners
+    return max(1, min(cpus, int(cpus - others + 0.5)))
+
+
+def pool_workers(seconds_here: float, cpus: int) -> int:
+    """How many workers read the rest fastest, given how long it would take here and the CPUs
+    free: 1 (none) unless starting them and sharing the work beats reading it here."""
+    if cpus < 2:
+        return 1
+    pooled = WORKER_START_S + POOL_MARGIN * seconds_here / cpus
+    return cpus if pooled < seconds_here else 1
 
 
 def merge(into: DataReport, part: DataReport) -> None:
@@ -281,11 +336,12 @@ def merge(into: DataReport, part: DataReport) -> None:
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
-    """The image's size from its header (Pillow reads no pixels here); None when unreadable."""
+    """The image's size as shown (EXIF orientation applied: image_records.shown_size), from its
+    header (Pillow reads no pixels here); None when unreadable."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.size
+            return shown_size(img)
     except Exception:
         return None

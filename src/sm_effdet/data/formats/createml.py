@@ -7,6 +7,7 @@ image size, so each image's header is read. Classes are named only: ids 1..K by 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .common import (
     walk_files,
 )
 from .image_records import Category, CocoData, DataReport, safe_join
+from .scan import head
 from .voc import SPLIT_FOLDERS, split_by_folder
 
 NAME = "createml"
@@ -31,13 +33,27 @@ ROBOFLOW_NAME = "_annotations.createml.json"
 
 
 def find(channel: Path) -> list[Path]:
-    """`*.createml.json` at the root or in a split folder, or a root JSON holding a list."""
+    """`*.createml.json` at the root or in a split folder, or a root JSON holding a list that
+    is not Label Studio's (its exports are lists too)."""
     found = []
+    boundary = Boundary(channel)
     for folder in (channel, *(channel / s for s in SPLIT_FOLDERS)):
         if folder.is_dir():
             found += [p for p in sorted(folder.glob("*.json"))
-                      if p.name.endswith(".createml.json") or (folder == channel and first_char(p) == "[")]
+                      if p.name.endswith(".createml.json") or (
+                          folder == channel and first_char(p) == "[" and not label_studio(p, boundary))]
     return found
+
+
+# Label Studio's JSON export: tasks with "data" and "annotations": [{"result": [{"from_name",
+# "value": {"x", ..., "rectanglelabels"}}]}]; its JSON-MIN export: {"image", "label": [{...,
+# "rectanglelabels"}]}. Coordinates in percent of the image: not CreateML's pixels.
+_LABEL_STUDIO = re.compile(rb'"(rectangle|polygon|keypoint|ellipse|brush)labels"|"from_name"\s*:')
+
+
+def label_studio(path: Path, boundary: Boundary) -> bool:
+    data = head(path, boundary.inside, 65536)
+    return bool(data and _LABEL_STUDIO.search(data))
 
 
 def _number(value: Any) -> float | None:

@@ -45,7 +45,10 @@ class ImageRecord:
     path: Path
     width: int
     height: int
-    boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2 in pixels of the image as stored
+    # (N, 4) float32, x1 y1 x2 y2 in pixels of the picture width x height describes: as shown
+    # (EXIF orientation applied), or as stored when the annotation gave the stored size
+    # (data/dataset.py _decode).
+    boxes: np.ndarray
     labels: np.ndarray  # (N,) int64, 1..K: position of the category in the sorted category list
     crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
@@ -268,9 +271,35 @@ def _image_size(entry: dict, path: Path, report: DataReport) -> tuple[int, int] 
         with Image.open(path) as img:
             stops.pause_for_test("image-header")  # a stop must pass this `except Exception`
             report.add("image_size_read_from_file", entry.get("file_name"))
-            return img.size
+            return shown_size(img)
     except Exception:
         return None
+
+
+# EXIF orientations (tag 0x0112) that turn the picture by a quarter: width and height swap.
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def shown_size(img: Any) -> tuple[int, int]:
+    """An opened image's (width, height) as viewers and labelling tools show it, read from its
+    header alone (no pixel decoded): swapped when its EXIF orientation turns it a quarter.
+
+    The rule of model/preprocessing.orientation, which decodes for training and serving (it
+    cannot be imported here: it brings OpenCV); tests/test_exif.py holds the two to one answer.
+    Pillow's base getexif reads the header's EXIF (a PNG's eXIf before the pixel data, as
+    PngImageFile's own getexif would decode the image to look further); Pillow turns a TIFF
+    itself, its size at open already the one shown.
+    """
+    from PIL import Image
+
+    width, height = img.size
+    if img.format == "TIFF":
+        return width, height
+    try:
+        turn = Image.Image.getexif(img).get(0x0112, 1)
+    except Exception:  # noqa: BLE001  (a malformed EXIF block: the picture as stored)
+        return width, height
+    return (height, width) if isinstance(turn, int) and turn in QUARTER_TURNS else (width, height)
 
 
 def coco_records(
@@ -430,7 +459,9 @@ def _attach_boxes(
     sizes = np.asarray([(r.width, r.height) for r in records] or [(0, 0)], np.float64)
     width, height = sizes[np.maximum(pos, 0), 0], sizes[np.maximum(pos, 0), 1]
     x, y, w, h = boxes.T
-    with np.errstate(invalid="ignore"):
+    # x + w may overflow to inf (a 1e308 coordinate): such a box is judged like any other
+    # (clipped, or dropped as outside), without numpy's warning in the log.
+    with np.errstate(invalid="ignore", over="ignore"):
         x1, y1 = np.clip(x, 0, width), np.clip(y, 0, height)
         x2, y2 = np.clip(x + w, 0, width), np.clip(y + h, 0, height)
         finite = np.isfinite(boxes).all(axis=1)

@@ -1,15 +1,22 @@
-"""Pascal VOC: one XML per image (a flat folder, VOCdevkit's Annotations/ + JPEGImages/, or
-Roboflow's train/ valid/ test/ folders).
+"""Pascal VOC: one XML per image, found by content (an `<annotation>` root; any name case, UTF-8
+or UTF-16) anywhere in the channel: beside the images (LabelImg), in Annotations/ (VOCdevkit,
+CVAT, nested Annotations/<folder>/ too), annots/, xml/, Roboflow's train/ valid/ test/ ...
 
 Coordinates: VOC's are 1-based inclusive pixel indices; like detectron2, 1 is subtracted from
 xmin and ymin only, so that a box from pixel 1 to pixel W (the whole image) becomes [0, W] in
-the 0-based, end-exclusive pixels the model uses; floats are kept as given. The image size is
-the XML's `size`; a missing or zero one is read from the image's header. The image is found by
-the XML's stem (a `filename` that names another file is common), else by `filename`.
+the 0-based, end-exclusive pixels the model uses; floats are kept as given. CVAT's exports
+(written by datumaro, which writes `xmin = x`, 0-based, and says so by its
+`<source><database>Unknown</database><annotation>Unknown</annotation><image>Unknown</image>`)
+are read as written, 0-based; other 0-based writers' boxes land 1 px up and left. The image
+size is the XML's `size`; a missing or zero one is read from the image's header. The image is
+found by the XML's stem (a `filename` that names another file is common), else by `filename`;
+among images of that stem, one whose path ends with a `filename` holding folders (CVAT's
+`sub/a.jpg`) wins, else the nearest to the XML.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -35,30 +42,34 @@ from .common import (
     walk_files,
 )
 from .image_records import Category, CocoData, DataReport
+from .scan import head, xml_root
+
+log = logging.getLogger(__name__)
 
 NAME = "voc"
 # Roboflow's split folders, and what each is used for.
 SPLIT_FOLDERS = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": None}
 
 
+# The datumaro writer's mark (CVAT's VOC export): its boxes are 0-based.
+DATUMARO_SOURCE = {"database": "Unknown", "annotation": "Unknown", "image": "Unknown"}
+
+
 def find(channel: Path) -> list[Path]:
-    """XMLs at the root, in Annotations/ or annotations/, or in a split folder."""
+    """The first XMLs (up to 3) anywhere in the channel whose root is <annotation>."""
+    boundary = Boundary(channel)
     found = []
-    for folder in (channel, channel / "Annotations", channel / "annotations",
-                   *(channel / s for s in SPLIT_FOLDERS)):
-        if folder.is_dir():
-            found.extend(p for p in sorted(folder.glob("*.xml")) if _looks_like_voc(p))
-            if found:
+    for path in _xml_files(channel):
+        if root_tag(path, boundary) == "annotation":
+            found.append(path)
+            if len(found) == 3:
                 break
-    return found[:3]
+    return found
 
 
-def _looks_like_voc(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return b"<annotation" in f.read(4096)
-    except OSError:
-        return False
+def root_tag(path: Path, boundary: Boundary) -> str | None:
+    data = head(path, boundary.inside)
+    return xml_root(data) if data else None
 
 
 def _xml_files(channel: Path) -> list[Path]:
@@ -106,25 +117,49 @@ def _find_image(xml: Path, filename: str | None, index: dict[str, list[Path]]) -
         return None
     if len(candidates) == 1:
         return candidates[0]
-    # Several images share the stem (split folders, say): the nearest to the XML wins.
+    # Several images share the stem (split folders, CVAT's sub/a.jpg and other/a.jpg): one
+    # whose path ends with a filename that holds folders, else the nearest to the XML.
+    name = (filename or "").replace("\\", "/").lstrip("/")
+    tail = "/" + name if "/" in name else None
+
     def distance(p: Path) -> int:
         common = os.path.commonpath([p.parent, xml.parent])
         return len(p.parent.parts) + len(xml.parent.parts) - 2 * len(Path(common).parts)
-    return min(candidates, key=lambda p: (distance(p), p.name != filename, str(p)))
+    return min(candidates, key=lambda p: (not (tail and p.as_posix().endswith(tail)), distance(p),
+                                          p.name != filename, str(p)))
 
 
-def _imagesets(channel: Path, boundary: Boundary) -> dict[str, set[str]] | None:
-    """VOCdevkit's ImageSets/Main/train.txt and val.txt (stems); the per-class lists
-    (<class>_train.txt) are not splits."""
-    folder = next((p for p in (channel / "ImageSets" / "Main", channel / "ImageSets")
-                   if (p / "train.txt").is_file() and (p / "val.txt").is_file()), None)
-    if folder is None:
-        return None
-    sets = {}
-    for part in ("train", "val"):
-        path = boundary.check(folder / f"{part}.txt", "VOC image set")
-        sets[part] = {line.split()[0] for line in read_text(path, "VOC image set").splitlines() if line.strip()}
-    return sets
+# Subset lists in ImageSets/Main (or ImageSets/): VOCdevkit's train.txt and val.txt, CVAT's
+# (datumaro's) Train.txt and Validation.txt; names compared in lower case.
+IMAGE_SET_NAMES = {"train": ("train",), "val": ("val", "valid", "validation")}
+
+
+def _imagesets(channel: Path, boundary: Boundary) -> tuple[dict[str, set[str]], str] | None:
+    """The shallowest ImageSets/Main (or ImageSets) holding a training and a validation list:
+    their entries (image ids: stems, or paths without extension, CVAT's sub/a) and the files'
+    names. The per-class lists (<class>_train.txt) are not splits."""
+    lists = walk_files(channel, lambda f: f.lower().endswith(".txt"))
+    by_folder: dict[Path, dict[str, Path]] = {}
+    for path in lists:
+        if path.parent.name == "ImageSets" or (path.parent.name, path.parent.parent.name) == ("Main", "ImageSets"):
+            by_folder.setdefault(path.parent, {})[path.stem.lower()] = path
+
+    def shallowest(folder: Path) -> tuple:  # ImageSets/Main before ImageSets/ itself
+        sets = folder.parent if folder.name == "Main" else folder
+        return len(sets.parts), folder.name != "Main", str(folder)
+    for folder in sorted(by_folder, key=shallowest):
+        named = by_folder[folder]
+        chosen = {part: next((named[n] for n in names if n in named), None)
+                  for part, names in IMAGE_SET_NAMES.items()}
+        if None in chosen.values():
+            continue
+        sets = {}
+        for part, path in chosen.items():
+            boundary.check(path, "VOC image set")
+            sets[part] = {line.split()[0].replace("\\", "/") for line in
+                          read_text(path, "VOC image set").splitlines() if line.strip()}
+        return sets, f"{chosen['train'].name} and {chosen['val'].name}"
+    return None
 
 
 def parse_xmls(xmls: list[Path], channel: str) -> tuple[list, DataReport]:
@@ -142,16 +177,26 @@ def _read_xml(xml: Path, boundary: Boundary, report: DataReport) -> tuple | None
     if root is None:
         return None
     size = root.find("size")
+    origin = 1
+    if _written_by_datumaro(root):
+        origin = 0
+        report.add("xml_read_0_based_cvat", n=1)
     objects = []
     for obj in root.iter("object"):  # <part> boxes sit inside objects as <part>, not <object>
         box = obj.find("bndbox")
         x1, y1, x2, y2 = (_number(box, t) for t in ("xmin", "ymin", "xmax", "ymax"))
         bbox = None
         if None not in (x1, y1, x2, y2):
-            bbox = [x1 - 1, y1 - 1, x2 - (x1 - 1), y2 - (y1 - 1)]
+            bbox = [x1 - origin, y1 - origin, x2 - (x1 - origin), y2 - (y1 - origin)]
         objects.append(((obj.findtext("name") or "").strip(), bbox, _flag(obj.findtext("difficult"))))
     return ((root.findtext("filename") or "").strip(), _number(size, "width"),
             _number(size, "height"), objects)
+
+
+def _written_by_datumaro(root: Element) -> bool:
+    source = root.find("source")
+    return source is not None and all(
+        (source.findtext(tag) or "").strip() == text for tag, text in DATUMARO_SOURCE.items())
 
 
 def read(channel: Path, hp: Hyperparameters, report: DataReport,
@@ -164,6 +209,9 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
 
     parsed, part = map_chunks(parse_xmls, xmls, str(channel))
     merge(report, part)
+    if part.counts["xml_read_0_based_cvat"]:
+        log.info("%d XMLs in %s were written by CVAT (datumaro): their boxes are read 0-based, "
+                 "as written", part.counts["xml_read_0_based_cvat"], channel)
     images, boxes = [], []
     seen_images: set[str] = set()
     for xml, found in zip(xmls, parsed):
@@ -223,12 +271,17 @@ def read(channel: Path, hp: Hyperparameters, report: DataReport,
 
 
 def _split(channel: Path, images: list[dict], boundary: Boundary) -> dict | None:
-    sets = _imagesets(channel, boundary)
-    if sets is not None:
-        stems = {e["id"]: Path(e["file_name"]).stem for e in images}
-        return {"train": {i for i, s in stems.items() if s in sets["train"]},
-                "val": {i for i, s in stems.items() if s in sets["val"]},
-                "how": "VOC ImageSets/Main train.txt and val.txt"}
+    found = _imagesets(channel, boundary)
+    if found is not None:
+        sets, names = found
+
+        def listed(file_name: str, entries: set[str]) -> bool:
+            # an entry names the image by its stem or by its path's last parts, extension off
+            parts = Path(file_name).with_suffix("").parts
+            return any("/".join(parts[k:]) in entries for k in range(len(parts)))
+        return {"train": {e["id"] for e in images if listed(e["file_name"], sets["train"])},
+                "val": {e["id"] for e in images if listed(e["file_name"], sets["val"])},
+                "how": f"VOC ImageSets/Main {names}"}
     return split_by_folder(images)
 
 

@@ -1,5 +1,6 @@
-"""YOLO / Ultralytics: a data.yaml (or, Darknet style, classes.txt / obj.names) and one label
-.txt per image, `class cx cy w h` normalised to 0..1.
+"""YOLO / Ultralytics: a data.yaml (or, Darknet style, classes.txt / obj.names: CVAT's YOLO 1.1,
+LabelImg; yolo_find says where each layout's files are) and one label .txt per image (by the
+rule below, else beside the image), `class cx cy w h` normalised to 0..1.
 
 Behaviour follows Ultralytics' documentation (its code is AGPL: nothing copied). The label of
 an image is found by replacing the last `/images/` of its path with `/labels/` and its
@@ -20,6 +21,7 @@ normalised boxes into pixels.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import defaultdict
@@ -32,12 +34,10 @@ from . import yolo_yaml
 from .common import (
     CLASS_LIST_FILES,
     Boundary,
-    find_class_list,
     image_size,
     is_image,
     map_chunks,
     merge,
-    read_class_list,
     read_text,
     records,
     relative,
@@ -45,38 +45,13 @@ from .common import (
 )
 from .image_records import Category, CocoData, DataReport, safe_join
 from .voc import split_by_folder
+from .yolo_find import YAML_NAMES, darknet_parts, find, label_candidates, label_path, yaml_file
+
+__all__ = ["NAME", "YAML_NAMES", "find", "label_path", "read"]
+
+log = logging.getLogger(__name__)
 
 NAME = "yolo"
-YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
-
-
-def find(channel: Path) -> list[Path]:
-    """A data.yaml at the root, or a Darknet class list beside a labels/ folder."""
-    found = [channel / n for n in YAML_NAMES if (channel / n).is_file()]
-    if found:
-        return found
-    names = find_class_list([channel])
-    if names is not None and names.name != "labelmap.txt" and _has_labels(channel):
-        return [names]
-    return []
-
-
-def _has_labels(channel: Path) -> bool:
-    return any((d / "labels").is_dir() for d in (channel, *_subfolders(channel)))
-
-
-def _subfolders(channel: Path) -> list[Path]:
-    try:
-        return [p for p in channel.iterdir() if p.is_dir()]
-    except OSError:
-        return []
-
-
-def label_path(image: str) -> str:
-    """Ultralytics' documented rule: the last /images/ becomes /labels/, the extension .txt."""
-    head, sep, tail = ("/" + image).rpartition("/images/")
-    stem = os.path.splitext(tail if sep else image)[0]
-    return (head + "/labels/" + stem + ".txt").lstrip("/") if sep else stem + ".txt"
 
 
 def parse_labels(text: str, pose_numbers: int | None = None
@@ -205,17 +180,9 @@ def _parts(channel: Path, boundary: Boundary, report: DataReport
            ) -> tuple[list[str], dict[str, list[str]], Path, int | None]:
     """The class names, the images of each part (train, val), the file naming the data, and
     the numbers in a pose row (None: not a pose dataset)."""
-    yaml_path = next((channel / n for n in YAML_NAMES if (channel / n).is_file()), None)
+    yaml_path = yaml_file(channel)
     if yaml_path is None:
-        class_file = find_class_list([channel])
-        if class_file is None:
-            raise UserInputError(
-                f"no data.yaml, classes.txt nor obj.names in {channel}; add a data.yaml with "
-                "'train', 'val' and 'names'."
-            )
-        names = read_class_list(class_file, boundary)
-        images = [relative(channel, p) for p in walk_files(channel, is_image)]
-        return names, {"all": images}, class_file, None
+        return (*darknet_parts(channel, boundary, report), None)
     boundary.check(yaml_path, "data.yaml")
     data = yolo_yaml.load(yaml_path)
     names = _names(data, yaml_path)
@@ -241,6 +208,13 @@ def _parts(channel: Path, boundary: Boundary, report: DataReport
         parts[part] = images
     if "train" not in parts:
         raise UserInputError(f"{yaml_path} has no 'train' entry; give the training images' folder.")
+    if parts.get("val") and not set(parts["val"]) - set(parts["train"]):
+        # coco128's data.yaml points val at the training images: no image is left to validate
+        # on, so the rule for a dataset without a split applies (val_fraction, at random).
+        del parts["val"]
+        report.add("split_yaml_val_is_train", str(yaml_path))
+        log.warning("%s: 'val' holds only training images (as coco128's does); val_fraction of "
+                    "the training images is held out at random instead", yaml_path)
     return names, parts, yaml_path, _pose_numbers(data, yaml_path)
 
 
@@ -288,9 +262,11 @@ NOT_LABELS = {*CLASS_LIST_FILES, "train.txt", "val.txt", "valid.txt", "test.txt"
 def _count_labels_without_image(channel: Path, file_names: list[str], report: DataReport) -> None:
     """Label files in the listed images' label folders that no listed image has (an image
     deleted or renamed after labelling): their boxes train nothing, so they are counted."""
-    expected = {label_path(f) for f in file_names}
+    expected = {c for f in file_names for c in label_candidates(f)}
     image_folders = {os.path.dirname(f) for f in file_names}
-    for folder in sorted({os.path.dirname(label) for label in expected}):
+    used = {found_label(channel, f) for f in file_names} - {None}
+    folders = {os.path.dirname(label_path(f)) for f in file_names} | {os.path.dirname(u) for u in used}
+    for folder in sorted(folders):
         try:
             with os.scandir(channel / folder) as entries:
                 names = sorted(e.name for e in entries if e.name.endswith(".txt") and e.is_file())
@@ -312,10 +288,12 @@ def _one_image_per_label_file(channel: Path, file_names: list[str], report: Data
     image is used."""
     by_label: dict[str, list[str]] = defaultdict(list)
     for file_name in file_names:
-        by_label[label_path(file_name)].append(file_name)
+        label = found_label(channel, file_name)
+        if label is not None:
+            by_label[label].append(file_name)
     shared = set()
     for label, group in by_label.items():
-        if len(group) > 1 and os.path.lexists(channel / label):
+        if len(group) > 1:
             shared.update(group)
             report.add("images_listed", n=len(group))  # coco_records never sees them
             report.add("image_skipped_shared_label_file",
@@ -332,10 +310,15 @@ def _check_labels_found(part: str, file_names: list[str], labelled: dict, source
     what = f"'{part}' in {source}" if part != "all" else f"{source.parent}"
     raise UserInputError(
         f"none of the {len(looked)} images of {what} has a label file (for {looked[0]} it "
-        f"would be {label_path(looked[0])}); put each image's .txt labels where Ultralytics "
+        f"would be {' or '.join(label_candidates(looked[0]))}); put each image's .txt labels where Ultralytics "
         "looks for them: the image's path with its last images/ folder made labels/ (or the "
         "image's own folder) and its extension made .txt."
     )
+
+
+def found_label(channel: Path, file_name: str) -> str | None:
+    """The image's label file that exists, by the images -> labels rule first (yolo_find)."""
+    return next((p for p in label_candidates(file_name) if os.path.lexists(channel / p)), None)
 
 
 def read_images(file_names: list[str], channel: str, nc: int, pose_numbers: int | None = None
@@ -361,12 +344,13 @@ def read_image(channel: Path, file_name: str, nc: int, boundary: Boundary, repor
     if size is None:
         return entry, [], None  # counted by coco_records as unreadable
     entry["width"], entry["height"] = width, height = size
-    label = channel / label_path(file_name)
-    if not os.path.lexists(label):
+    found = found_label(channel, file_name)
+    if found is None:
         # Ultralytics' rule: an image without objects needs no label file; it is kept as a
         # negative, and counted in the summary line (a folder of labels may be missing).
         report.add("images_without_label_file", file_name)
         return entry, [], False
+    label = channel / found
     if not boundary.per_image(label, report):
         return None, [], True
     try:
