@@ -249,6 +249,8 @@ def test_emulated_resume_is_refused_with_one_sentence_when_it_cannot_go_on(clien
     running = sm_effdet("train", "--resume-from", "job-done", "--dry-run")
     assert "is still InProgress" in one_sentence(running, 2)
     assert "sm-effdet stop job-done" in running.stderr
+    unknown = sm_effdet("train", "--resume-from", "no-such-job", "--dry-run")
+    assert "there is no training job named no-such-job in region us-east-1" in one_sentence(unknown, 1)
     local = sm_effdet("train", "--resume-from", "job-done", "--local")
     assert "run it without --local" in one_sentence(local, 2)
     assert [j["TrainingJobName"] for j in sagemaker.list_training_jobs()["TrainingJobSummaries"]] == ["job-done"]

@@ -223,7 +223,11 @@ class Resume:
 
 def load(job: str, *, sagemaker, s3) -> Resume:
     """The job to resume, refused when it has no checkpoints to resume from."""
-    description = sagemaker.describe_training_job(TrainingJobName=job)
+    from .aws import named
+
+    with named("training job", job, sagemaker.meta.region_name,
+               "aws sagemaker list-training-jobs --sort-by CreationTime"):
+        description = sagemaker.describe_training_job(TrainingJobName=job)
     uri = checkpoint_uri(description)
     if not uri:
         raise UserInputError(

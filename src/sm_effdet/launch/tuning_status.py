@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import JobError, UserInputError
+from ..errors import UserInputError
 
 ACTIVE = ("InProgress", "Stopping")
 
@@ -48,21 +48,11 @@ def add_commands(subparsers) -> None:
 
 
 def describe(sagemaker, name: str) -> dict[str, Any]:
-    from botocore.exceptions import ClientError
+    from .aws import named
 
-    try:
+    with named("tuning job", name, sagemaker.meta.region_name,
+               "aws sagemaker list-hyper-parameter-tuning-jobs"):
         return sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        text = f"{error.get('Code', '')} {error.get('Message', '')}".lower()
-        # SageMaker answers ResourceNotFound; the wording varies (and differs in emulators).
-        if "notfound" in text or "not found" in text or "not find" in text or "can't find" in text:
-            raise JobError(
-                f"there is no tuning job {name} in {sagemaker.meta.region_name}; check the name "
-                "and the region (AWS_REGION), or list them with `aws sagemaker "
-                "list-hyper-parameter-tuning-jobs`."
-            ) from None
-        raise
 
 
 def _objective(description: Mapping[str, Any]) -> tuple[str, str]:
