@@ -441,3 +441,24 @@ def test_draw_puts_each_box_on_the_upright_image(tmp_path):
     bottom, right = drawn.getpixel((200, 239)), drawn.getpixel((319, 150))
     assert bottom == right and max(abs(a - b) for a, b in zip(bottom, grey)) > 40
     assert max(abs(a - b) for a, b in zip(drawn.getpixel((350, 30)), grey)) <= 6
+
+
+@pytest.mark.parametrize("code, message, deployed", [
+    ("ValidationException", 'Could not find endpoint "arn:aws:sagemaker:eu-west-1:1:endpoint/e".', None),
+    ("ValidationException", "1 validation error detected: Value 'e' failed to satisfy constraint", "raises"),
+    ("AccessDeniedException", "not authorized to perform: sagemaker:DescribeEndpoint", "raises"),
+], ids=["missing endpoint", "other validation error", "access denied"])
+def test_the_quality_gate_takes_only_a_missing_endpoint_for_nothing_deployed(code, message, deployed):
+    from botocore.exceptions import ClientError
+
+    from sm_effdet.launch.gate import deployed_model_data
+
+    sagemaker, stub = stubbed("sagemaker")
+    stub.add_client_error("describe_endpoint", service_error_code=code, service_message=message,
+                          http_status_code=400, expected_params={"EndpointName": "e"})
+    with stub:
+        if deployed == "raises":
+            with pytest.raises(ClientError):
+                deployed_model_data(sagemaker, "e")
+        else:
+            assert deployed_model_data(sagemaker, "e") is None

@@ -87,16 +87,14 @@ def check_flags(args: argparse.Namespace) -> None:
                         ("--checkpoint-s3-uri", args.checkpoint_s3_uri)):
         if value is not None:
             check_s3_location(value, flag)
-    seen: set[str] = set()
+    # A key given twice keeps its last value (train --resume-from adds the command line's tags
+    # after the old job's, so that they win).
     for key, _ in args.tag:
         if key.lower().startswith(RESERVED_TAG_PREFIX):
             raise UserInputError(
                 f"--tag {shorten(key)}: keys starting with '{RESERVED_TAG_PREFIX}' are reserved "
                 "for AWS's own tags; choose another key."
             )
-        if key in seen:
-            raise UserInputError(f"--tag {shorten(key)} is given twice; give each tag key once.")
-        seen.add(key)
     if args.subnet and not args.security_group or args.security_group and not args.subnet:
         raise UserInputError("a VPC needs both --subnet and --security-group; give both or neither.")
 

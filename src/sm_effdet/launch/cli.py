@@ -17,6 +17,7 @@ from ..errors import JobError, UserInputError
 COMMAND_MODULES = (
     "sm_effdet.launch.jobs",
     "sm_effdet.launch.tuning",
+    "sm_effdet.launch.tuning_status",
     "sm_effdet.launch.deploy",
     "sm_effdet.launch.transform",
     "sm_effdet.launch.endpoints",
@@ -36,8 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `tune` takes every flag of a job and no positional, so `tune status NAME` and the like are
+# given their own parsers (registered as tune-status, ...) before argparse sees them.
+TUNE_ACTIONS = ("status", "results", "stop")
+
+
+def route(argv: list[str]) -> list[str]:
+    if len(argv) >= 2 and argv[0] == "tune" and argv[1] in TUNE_ACTIONS:
+        return [f"tune-{argv[1]}", *argv[2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = route(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except UserInputError as exc:
@@ -46,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"sm-effdet: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("sm-effdet: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # An upload's interrupt says what is up and that a rerun resumes (upload.py).
+        print(f"sm-effdet: {exc or 'interrupted.'}", file=sys.stderr)
         return 130
     except Exception as exc:
         if type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):

@@ -114,10 +114,11 @@ def summary(description: dict[str, Any], region: str, out=sys.stdout) -> None:
     print(f"console: {console_url(region, job)}", file=out)
 
 
-def follow(job: str, *, sagemaker, logs, out=sys.stdout, err=sys.stderr,
+def follow(job: str, *, sagemaker, logs, s3=None, out=sys.stdout, err=sys.stderr,
            poll: float = DEFAULT_POLL_SECONDS) -> int:
     """Print the job's transitions and logs until it ends; 0 when Completed. Ctrl-C stops
-    following only: the job goes on."""
+    following only: the job goes on. A job that ends Stopped or Failed with checkpoints (looked
+    for with `s3`) is named with the command that resumes it."""
     reader = LogReader(logs, job)
     shown = 0
     try:
@@ -143,12 +144,11 @@ def follow(job: str, *, sagemaker, logs, out=sys.stdout, err=sys.stderr,
     status = description["TrainingJobStatus"]
     if status == "Completed":
         return 0
-    reason = description.get("FailureReason")
-    if not reason:
-        checkpoint = (description.get("CheckpointConfig") or {}).get("S3Uri")
-        reason = "it was stopped before it finished" if status == "Stopped" else "SageMaker gave no reason"
-        if checkpoint:
-            reason += f"; its checkpoints are in {checkpoint}"
-        reason += "."
-    print(f"sm-effdet: training job {job} {status}: {reason}", file=err)
+    from .resume import resume_hint
+
+    reason = (description.get("FailureReason") or (
+        "it was stopped before it finished" if status == "Stopped" else "SageMaker gave no reason"
+    )).strip().rstrip(".")
+    print(f"sm-effdet: training job {job} {status}: {reason}{resume_hint(description, s3)}.",
+          file=err)
     return 1

@@ -62,12 +62,14 @@ def validation_map(card: dict[str, Any], where: str) -> float:
 
 def deployed_model_data(sagemaker, endpoint: str) -> str | None:
     """The model.tar.gz the endpoint serves now, or None when there is no such endpoint."""
-    from botocore.exceptions import ClientError
+    from .aws import is_not_found
 
     try:
         config_name = sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("ValidationException", "ResourceNotFound"):
+    except Exception as exc:
+        # Only a missing endpoint is "nothing deployed": any other refusal (throttling,
+        # permissions, a malformed name) must not let the gate deploy over what is there.
+        if is_not_found(exc):
             return None
         raise
     config = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)

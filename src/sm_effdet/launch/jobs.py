@@ -19,9 +19,7 @@ def add_commands(subparsers) -> None:
         description="Build the CreateTrainingJob request, check it and the data on this machine, "
         "upload local folders (skipping files already there), create the job and follow it.",
     )
-    add_job_arguments(train)
-    train.add_argument("--no-wait", action="store_true", help="create the job and return")
-    _poll_argument(train)
+    add_train_arguments(train)
     train.set_defaults(run=run_train)
 
     logs = subparsers.add_parser("logs", help="follow a training job: status, every host's log, summary")
@@ -39,6 +37,17 @@ def add_commands(subparsers) -> None:
     stop.set_defaults(run=run_stop)
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_arguments(parser)
+    parser.add_argument("--no-wait", action="store_true", help="create the job and return")
+    _poll_argument(parser)
+    parser.add_argument(
+        "--resume-from", metavar="JOB",
+        help="a new job that goes on from JOB's checkpoints (JOB Stopped or Failed), with "
+        "JOB's hyperparameters, channels, image, role and resources unless flags here say "
+        "otherwise (--set and --env add to JOB's)")
+
+
 def _poll_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL_SECONDS, metavar="SECONDS",
                         help=f"how often to look at the job (default {DEFAULT_POLL_SECONDS:g})")
@@ -47,9 +56,23 @@ def _poll_argument(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .aws import client
 
+    resume = None
+    if getattr(args, "resume_from", None):
+        if args.local:
+            raise UserInputError("--resume-from starts a SageMaker job from the old job's "
+                                 "checkpoints in S3; run it without --local.")
+        from . import resume as resuming
+
+        # A dry run reads the old job too (DescribeTrainingJob, ListTags, its checkpoint
+        # listing) and creates nothing.
+        resume = resuming.load(args.resume_from, sagemaker=client("sagemaker"), s3=client("s3"))
+        resume.fill(args, resuming.given_flags(args, add_train_arguments))
     if args.dry_run:
         # stdout holds only the request, so that it can be piped; the data summary goes to stderr.
         request = prepare_training_request(args, s3=None, out=sys.stderr)
+        if resume:
+            request = resume.apply(request)
+            print(resume.describe(request), file=sys.stderr)
         print(json.dumps(request, indent=2))
         return 0
     if args.local:
@@ -57,6 +80,9 @@ def run_train(args: argparse.Namespace) -> int:
     s3 = client("s3")
     request = prepare_training_request(args, s3=s3, ecr=lambda region: client("ecr", region),
                                        out=sys.stdout)
+    if resume:
+        request = resume.apply(request)
+        print(resume.describe(request), flush=True)
     sagemaker = client("sagemaker")
     sagemaker.create_training_job(**request)
     job = request["TrainingJobName"]
@@ -64,7 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(f"follow it with `sm-effdet logs {job}`, stop it with `sm-effdet stop {job}`")
         return 0
-    return follow(job, sagemaker=sagemaker, logs=client("logs"), poll=args.poll)
+    return follow(job, sagemaker=sagemaker, logs=client("logs"), s3=s3, poll=args.poll)
 
 
 def run_train_local(args: argparse.Namespace) -> int:
@@ -84,7 +110,8 @@ def run_train_local(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     from .aws import client
 
-    return follow(args.job, sagemaker=client("sagemaker"), logs=client("logs"), poll=args.poll)
+    return follow(args.job, sagemaker=client("sagemaker"), logs=client("logs"), s3=client("s3"),
+                  poll=args.poll)
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -102,13 +129,19 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def stop(job: str, *, sagemaker, out=sys.stdout) -> None:
-    status = sagemaker.describe_training_job(TrainingJobName=job)["TrainingJobStatus"]
+    from .resume import checkpoint_uri
+
+    description = sagemaker.describe_training_job(TrainingJobName=job)
+    status = description["TrainingJobStatus"]
     if status != "InProgress":
         print(f"training job {job} is already {status}; nothing to stop.", file=out)
         return
     sagemaker.stop_training_job(TrainingJobName=job)
+    uri = checkpoint_uri(description)
+    later = (f"; once it is Stopped, resume it with `sm-effdet train --resume-from {job}` (its "
+             f"checkpoints go to {uri})") if uri else ""
     print(f"stopping {job}: it gets SIGTERM, saves a checkpoint and uploads what it has; follow "
-          f"it with `sm-effdet logs {job}`.", file=out)
+          f"it with `sm-effdet logs {job}`{later}.", file=out)
 
 
 def fetch(job: str, directory: Path, *, sagemaker, s3, out=sys.stdout) -> Path:
@@ -116,8 +149,16 @@ def fetch(job: str, directory: Path, *, sagemaker, s3, out=sys.stdout) -> Path:
     the best metrics from model.json and where the HTML report is."""
     from botocore.exceptions import ClientError
 
+    from .folders import check_output_folder
     from .upload import Progress, split_s3
 
+    # Before anything is downloaded: a DIR that is a file would fail after the download.
+    check_output_folder(directory, "the fetch folder")
+    for name in ("model", "output"):
+        check_output_folder(directory / name, "the fetch folder")
+        if (directory / f"{name}.tar.gz").is_dir():
+            raise UserInputError(f"{directory / f'{name}.tar.gz'} is a folder, where fetch "
+                                 "downloads the archive; move it away or fetch into another DIR.")
     description = sagemaker.describe_training_job(TrainingJobName=job)
     status = description["TrainingJobStatus"]
     if status == "InProgress":

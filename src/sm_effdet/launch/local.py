@@ -31,6 +31,7 @@ from typing import Any, TextIO
 from urllib.parse import urlparse
 
 from ..errors import UserInputError, shorten
+from .folders import check_output_folder
 from .local_transfer import (
     default_s3_client,
     join_uri,
@@ -137,6 +138,21 @@ def refuse_unsupported(request: Mapping[str, Any]) -> None:
                     f"{key}.LocalPath is {shorten(local_path)}, outside {CONTAINER_BASE}, which "
                     f"local mode cannot sync; use a folder under {CONTAINER_BASE}."
                 )
+
+
+def check_local_targets(request: Mapping[str, Any]) -> None:
+    """Every local folder the run writes into afterwards (the model, output, checkpoints,
+    TensorBoard) can be written, checked before training: afterwards the model has nowhere to go."""
+    name = request["TrainingJobName"]
+    targets = [("the output folder", request["OutputDataConfig"]["S3OutputPath"], (name, "output"))]
+    if request.get("CheckpointConfig"):
+        targets.append(("the checkpoint folder", request["CheckpointConfig"]["S3Uri"], ()))
+    if request.get("TensorBoardOutputConfig"):
+        targets.append(("the TensorBoard folder",
+                        request["TensorBoardOutputConfig"]["S3OutputPath"], (name,)))
+    for what, uri, below in targets:
+        if uri_scheme(uri) == "file":
+            check_output_folder(local_path_of(uri).joinpath(*below), what)
 
 
 def _check_uri(uri: str, what: str) -> None:
@@ -345,6 +361,7 @@ def run_local(
 ) -> int:
     """Run the CreateTrainingJob `request` here as SageMaker would; train's exit code."""
     check_local_request(request)
+    check_local_targets(request)
     if s3 is None and s3_uris(request):
         s3 = default_s3_client()
     job = LocalJob(request, new_tree(work_dir, request["TrainingJobName"]), image)

@@ -263,9 +263,13 @@ def add_commands(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "tune",
-        help="a SageMaker hyperparameter tuning job (Bayesian, early stopping) of the train job",
+        help="a SageMaker hyperparameter tuning job of the train job; then tune status, tune "
+        "results, tune stop NAME",
         description="Tune the job `train` would launch: objective validation:mAP (Maximize). "
         "Takes train's flags but --local; --name is the tuning job's (at most 32 characters).",
+        epilog="A tuning job launched (with --no-wait or elsewhere): `sm-effdet tune status "
+        "NAME` (status, trial counts, best so far), `sm-effdet tune results NAME [--csv FILE]` "
+        "(every trial, best first), `sm-effdet tune stop NAME`.",
     )
     job_request.add_job_arguments(parser, command="tune")
     parser.add_argument(
@@ -378,8 +382,8 @@ def run_tune(args, *, sagemaker=None, s3=None, ecr=None, out: TextIO = sys.stdou
     )
     if getattr(args, "no_wait", False):
         print(
-            f"Follow it: aws sagemaker describe-hyper-parameter-tuning-job "
-            f"--hyper-parameter-tuning-job-name {name}",
+            f"See it: sm-effdet tune status {name}; every trial: sm-effdet tune results {name}; "
+            f"stop it: sm-effdet tune stop {name}",
             file=out,
         )
         return 0
@@ -387,9 +391,9 @@ def run_tune(args, *, sagemaker=None, s3=None, ecr=None, out: TextIO = sys.stdou
         return follow_tuning_job(sagemaker, name, out=out)
     except KeyboardInterrupt:
         print(
-            f"\nStopped following; tuning job {name} goes on. Look at it: aws sagemaker "
-            f"describe-hyper-parameter-tuning-job --hyper-parameter-tuning-job-name {name}; stop "
-            f"it: aws sagemaker stop-hyper-parameter-tuning-job --hyper-parameter-tuning-job-name {name}",
+            f"\nStopped following; tuning job {name} goes on. See it: sm-effdet tune status "
+            f"{name}; every trial: sm-effdet tune results {name}; stop it: sm-effdet tune stop "
+            f"{name}",
             file=out,
         )
         return 130

@@ -198,43 +198,71 @@ def _earlier_versions(s3, bucket: str, prefix: str) -> dict[tuple[str, int], lis
     return found
 
 
+class UploadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an upload: the message says what is up and that a rerun resumes."""
+
+
 def upload_folder(s3, listing: FolderListing, uri: str, out=sys.stdout, progress_stream=None) -> int:
     """Put every file of `listing` under the `uri` prefix: skipped when there with the same size
     and SHA-256, copied within S3 from an earlier version of the dataset when one holds it,
-    uploaded otherwise; returns the bytes uploaded."""
+    uploaded otherwise; returns the bytes uploaded. Ctrl-C raises UploadInterrupted."""
     bucket, prefix = split_s3(uri)
-    remote = remote_objects(s3, bucket, prefix)
     earlier = None
     todo: list[tuple[str, str]] = []
     copies: list[tuple[str, str, str]] = []
     there = 0
-    for relative, (size, digest) in listing.files.items():
-        key = prefix + relative
-        if remote.get(key) == size and _checksum(s3, bucket, key) == digest:
-            there += 1
-            continue
-        if earlier is None:
-            earlier = _earlier_versions(s3, bucket, prefix)
-        source = next((k for k in earlier.get((relative, size), [])
-                       if _checksum(s3, bucket, k) == digest), None)
-        if source:
-            copies.append((source, key, digest))
-        else:
-            todo.append((relative, digest))
-    for source, key, digest in copies:
-        s3.copy({"Bucket": bucket, "Key": source}, bucket, key, ExtraArgs={
-            "Metadata": {CHECKSUM_KEY: digest}, "MetadataDirective": "REPLACE"})
+    try:
+        remote = remote_objects(s3, bucket, prefix)
+        for relative, (size, digest) in listing.files.items():
+            key = prefix + relative
+            if remote.get(key) == size and _checksum(s3, bucket, key) == digest:
+                there += 1
+                continue
+            if earlier is None:
+                earlier = _earlier_versions(s3, bucket, prefix)
+            source = next((k for k in earlier.get((relative, size), [])
+                           if _checksum(s3, bucket, k) == digest), None)
+            if source:
+                copies.append((source, key, digest))
+            else:
+                todo.append((relative, digest))
+        for source, key, digest in copies:
+            s3.copy({"Bucket": bucket, "Key": source}, bucket, key, ExtraArgs={
+                "Metadata": {CHECKSUM_KEY: digest}, "MetadataDirective": "REPLACE"})
+    except KeyboardInterrupt:
+        raise UploadInterrupted(
+            f"interrupted while comparing {listing.folder} with {uri}, before any file was "
+            "uploaded; run the same command again to upload it (what was copied within S3 is "
+            "skipped then)."
+        ) from None
     total = sum(listing.files[relative][0] for relative, _ in todo)
     progress = Progress(f"upload {listing.folder.name}", total, progress_stream)
-    for relative, digest in todo:
-        if _size_now(listing.folder / relative) != listing.files[relative][0]:
-            raise UserInputError(
-                f"{listing.folder / relative} changed while sm-effdet was checking and uploading "
-                f"{listing.folder}; the files already up stay under {uri}: run the command again "
-                "when the folder no longer changes."
-            )
-        s3.upload_file(str(listing.folder / relative), bucket, prefix + relative,
-                       ExtraArgs={"Metadata": {CHECKSUM_KEY: digest}}, Callback=progress)
+    done = 0
+    try:
+        for relative, digest in todo:
+            if _size_now(listing.folder / relative) != listing.files[relative][0]:
+                raise UserInputError(
+                    f"{listing.folder / relative} changed while sm-effdet was checking and "
+                    f"uploading {listing.folder}; the files already up stay under {uri}: run the "
+                    "command again when the folder no longer changes."
+                )
+            s3.upload_file(str(listing.folder / relative), bucket, prefix + relative,
+                           ExtraArgs={"Metadata": {CHECKSUM_KEY: digest}}, Callback=progress)
+            done += 1
+    except KeyboardInterrupt:
+        # The file in flight may have landed whole before the interrupt reached it (a PUT is
+        # atomic; an interrupted multipart upload is aborted by s3transfer, never left half).
+        if done < len(todo) and _is_up(s3, bucket, prefix + todo[done][0], todo[done][1]):
+            done += 1
+        files = len(listing.files)
+        up = files - len(todo) + done
+        if progress.tty:
+            progress.stream.write("\n")
+        raise UploadInterrupted(
+            f"interrupted during the upload of {listing.folder} to {uri}: {up} of {files} files "
+            f"are there ({done} uploaded now); run the same command again to upload the other "
+            f"{files - up}: files already there with the same key, size and SHA-256 are skipped."
+        ) from None
     if todo:
         progress.close()
     copied = f"{len(copies)} copied within S3 from an earlier upload, " if copies else ""
@@ -252,3 +280,11 @@ def _size_now(path: Path) -> int | None:
 
 def _checksum(s3, bucket: str, key: str) -> str | None:
     return s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(CHECKSUM_KEY)
+
+
+def _is_up(s3, bucket: str, key: str, digest: str) -> bool:
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except Exception:  # noqa: BLE001 - a failed look counts it as not up: never over-promise
+        return False
+    return head.get("Metadata", {}).get(CHECKSUM_KEY) == digest
