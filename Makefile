@@ -72,13 +72,13 @@ demo: install ## Train on the synthetic demo dataset locally, on CPU (python -m 
 test: install ## Run the test suite
 	$(UV) run --frozen pytest
 
-bench: install ## Print speed figures against same-run baselines (not a test; see README)
+bench: install ## Print speed figures against same-run baselines (not a test; see docs/performance.md)
 	$(UV) run --frozen python benchmarks/bench.py $(BENCH_ARGS)
 
 bench-quality: install ## Print model quality on ../shared/data/raccoon (about 2 hours on 2 CPUs; not a test)
 	$(UV) run --frozen python benchmarks/bench_quality.py $(BENCH_QUALITY_ARGS)
 
-gpu-wheels: install ## Download here the wheels a GPU device machine lacks for train and serve, into .whl (see README, Performance)
+gpu-wheels: install ## Download here the wheels a GPU device machine lacks for train and serve, into .whl (see docs/performance.md)
 	UV="$(UV)" bash scripts/gpu_wheels.sh
 
 # Only --cpu (here) runs .venv: the GPU run uses the device machine's python3, with no network there.

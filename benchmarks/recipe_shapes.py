@@ -2,7 +2,7 @@
 
 Each run is the real ./train on its own tree: tf_lite0 at 256 px, batch 8, 12 epochs, the
 job's defaults otherwise (augmentation on, 20% held out), as in the issue that found SGD
-collapsing. The README's "Recipe" figures come from:
+collapsing. The "Recipe" figures of docs/training.md come from:
 
     uv run --frozen python benchmarks/recipe_shapes.py
     uv run --frozen python benchmarks/recipe_shapes.py --run "sgd lr 0.03" optimizer=sgd,learning_rate=0.03

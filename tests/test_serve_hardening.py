@@ -3,7 +3,8 @@ and raw sockets, the model trained once by the real ./train (conftest.trained_mo
 real ./train for the warm-start cases.
 
 Slow-client cases stay small: limits are lowered through SERVE_* variables so that a few dozen
-connections exceed them (README, Reliability, states what 1,024 and 2,048 connections measured).
+connections exceed them (docs/reliability.md, Serving limits, states what 1,024 and 2,048
+connections measured).
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ PRECISION_ALIASES = {
 MONITORS = ("valid_map", "valid_loss")
 ANNOTATION_FORMATS = ("auto", "coco", "groundtruth", "voc", "yolo", "createml", "builtin")
 # The peak learning rate when `learning_rate` is 'auto': each optimizer's own. SGD's is measured
-# from scratch on the shapes data (README, "Recipe": 0.01 reached mAP 0.13, 0.1 reached 0.44,
-# AdamW at 0.001 0.39).
+# from scratch on the shapes data (docs/training.md, "Recipe": 0.01 reached mAP 0.13, 0.1
+# reached 0.44, AdamW at 0.001 0.39).
 DEFAULT_LEARNING_RATES = {"adamw": 0.001, "sgd": 0.1}
 # Gradient-norm clipping when `clip_grad_norm` is 'auto'. From scratch the gradient norm is in
 # the hundreds (655 and 918 at the first two steps on the shapes data), so clipping at 10 shrinks

@@ -10,7 +10,7 @@ Trigger it with a configuration (the Params below), e.g.
                     "--image", "ACCOUNT.dkr.ecr.REGION.amazonaws.com/sm-effdet:TAG",
                     "--set", "epochs=30"],
      "min_map": 0.3, "beat_deployed": true, "endpoint": "sm-effdet-shapes"}
-`train_args` are the flags of `sm-effdet train` (README, "Launching on SageMaker"); a local
+`train_args` are the flags of `sm-effdet train` (docs/launching.md); a local
 folder in them is checked and uploaded by the first task, on the Airflow worker.
 """
 

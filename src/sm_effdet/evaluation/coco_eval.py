@@ -22,7 +22,7 @@ MIN_SCORE = 0.001
 # COCO's summary, in COCOeval.stats order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 EVALUATORS = ("faster-coco-eval", "pycocotools")
-# Measured in `make bench`: equal numbers, several times faster (README, Performance).
+# Measured in `make bench`: equal numbers, several times faster (docs/performance.md).
 DEFAULT_EVALUATOR = "faster-coco-eval"
 # One row per detection: image index (position in the records), x, y, w, h, score, label.
 RESULT_COLUMNS = 7

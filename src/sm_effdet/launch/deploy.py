@@ -40,7 +40,7 @@ from .hosting import (
     wait_until,
 )
 
-# serve's content types for one raw image (README, "What serve does").
+# serve's content types for one raw image (docs/serving.md).
 IMAGE_CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 ANSWER_LIMIT = 4000  # characters of the endpoint's answer printed
 

@@ -1,5 +1,5 @@
 """What `sm-effdet deploy` and `sm-effdet transform` share: a training job's model.tar.gz
-served by the same image (README, "What serve does"), as a real-time endpoint (deploy.py) or a
+served by the same image (docs/serving.md), as a real-time endpoint (deploy.py) or a
 Batch Transform job (transform.py).
 
 Here: resource names, where the model comes from, the requests (each checked against

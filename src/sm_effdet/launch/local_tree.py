@@ -1,7 +1,7 @@
 """Local mode's /opt/ml tree: what SageMaker gives a training container, made in a folder here.
 
 A fresh tree per job (`new_tree`), the config files SageMaker writes in input/config, the
-environment the platform and the sagemaker-training toolkit set, the channels in input/data
+environment the platform sets, the channels in input/data
 (downloaded from S3, or linked or mounted from local folders) and the checkpoints synced down.
 `LocalJob` maps a path as the job sees it to the tree, from the checkout and in the image alike.
 """
@@ -130,21 +130,11 @@ def write_config_files(job: LocalJob) -> None:
 
 
 def job_environment(job: LocalJob) -> dict[str, str]:
-    """What the platform sets in a training container (TRAINING_JOB_NAME, the request's
-    Environment), and the sagemaker-training toolkit's SM_* names scripts commonly read."""
+    """What the platform sets in a training container: TRAINING_JOB_NAME and the request's
+    Environment. No SM_* variables: those are the sagemaker-training toolkit's, which this
+    image does not carry, and the job reads its channels from inputdataconfig.json."""
     base = job.container_path(CONTAINER_BASE)
-    channels = [c["ChannelName"] for c in job.request.get("InputDataConfig") or []]
-    env = {
-        "TRAINING_JOB_NAME": job.name,
-        "SM_MODEL_DIR": f"{base}/model",
-        "SM_OUTPUT_DATA_DIR": f"{base}/output/data",
-        "SM_INPUT_CONFIG_DIR": f"{base}/input/config",
-        "SM_CHANNELS": json.dumps(channels),
-        "SM_CURRENT_HOST": HOST,
-        "SM_HOSTS": json.dumps([HOST]),
-        "PYTHONUNBUFFERED": "1",
-        **{f"SM_CHANNEL_{c.upper()}": f"{base}/input/data/{c}" for c in channels},
-    }
+    env = {"TRAINING_JOB_NAME": job.name, "PYTHONUNBUFFERED": "1"}
     if not job.image:
         env["SAGEMAKER_BASE_DIR"] = base
     env.update(job.request.get("Environment") or {})

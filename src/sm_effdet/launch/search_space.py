@@ -65,7 +65,7 @@ def read_search_space(path: Path) -> dict[str, Any]:
         ) from None
     except ValueError as exc:
         raise UserInputError(
-            f"the tuning ranges file {path} is not valid JSON ({exc}); see the README's Tuning part."
+            f"the tuning ranges file {path} is not valid JSON ({exc}); see docs/launching.md, Tuning."
         ) from None
     if not isinstance(data, dict):
         raise UserInputError(

@@ -26,7 +26,7 @@ def model_thread() -> concurrent.futures.ThreadPoolExecutor:
     spinning between parallel regions. EfficientDet runs hundreds of small ones per image, so a
     warm-up on another thread made every later request about twice as slow (measured on 2 cores:
     the network at batch 1 took 35 ms with all torch on one thread, 89 ms after a second thread
-    had run it; README, Performance).
+    had run it; docs/performance.md).
     """
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
 

@@ -93,7 +93,8 @@ def _give_back_freed_memory() -> None:
 
 class PixelBudget:
     """At most `limit` pixels decoded at once by all requests together: 20 requests each holding
-    a 40-megapixel PNG took the server from 1.2 GB to 6.4 GB before (README, Reliability).
+    a 40-megapixel PNG took the server from 1.2 GB to 6.4 GB before (docs/reliability.md,
+    Serving limits).
 
     One image larger than the whole budget still decodes, alone.
     """

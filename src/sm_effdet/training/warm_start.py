@@ -231,7 +231,7 @@ def load_backbone_weights(net: torch.nn.Module, backbone: str, pretrained_dir: P
         raise UserInputError(
             f"the backbone weights {source} do not fit backbone '{backbone}' ({len(misfit)} of "
             f"{len(wanted)} tensors missing or of another shape, e.g. {misfit[0]}); give timm's "
-            f"{name} ImageNet weights (README: backbone weights)."
+            f"{name} ImageNet weights (docs/training.md, Starting points)."
         )
     net.backbone.load_state_dict({k: state[k] for k in wanted}, strict=False)
     log.info(
@@ -280,8 +280,8 @@ def _download_backbone(timm_name: str, backbone: str) -> dict[str, torch.Tensor]
         raise UserInputError(
             f"could not download the ImageNet weights of backbone '{backbone}' (timm's "
             f"{timm_name}) ({reason}); for a job without internet access add a channel named "
-            f"'pretrained' holding a file with timm's {timm_name} weights (README: backbone "
-            "weights), or set the hyperparameter pretrained to false."
+            f"'pretrained' holding a file with timm's {timm_name} weights (docs/training.md, "
+            "Starting points), or set the hyperparameter pretrained to false."
         ) from exc
 
 

@@ -130,7 +130,7 @@ def _nothing_found(channel: Path, hp: Hyperparameters, name: str):
         f"no COCO annotation file (.json) found at the root of {channel} nor in its "
         f"{coco.ANNOTATIONS_FOLDER}/ folder, nor another format's files anywhere in it (the job "
         f"{inventory.where(channel)}, reading XMLs, label files and JSONs for their content); it "
-        f"holds {inventory.holds(channel)}; add the '{name}' channel's annotations (see the README's "
+        f"holds {inventory.holds(channel)}; add the '{name}' channel's annotations (see docs/data.md, "
         f"Annotation formats){advice}."
     )
 

@@ -54,7 +54,7 @@ def find_annotation_file(
         where = (
             f"no COCO annotation file (.json) found at the root of {channel} nor in its "
             f"{ANNOTATIONS_FOLDER}/ folder, nor another format's files (a Ground Truth manifest, "
-            "Pascal VOC XMLs, a YOLO data.yaml, a CreateML JSON; see the README's Annotation "
+            "Pascal VOC XMLs, a YOLO data.yaml, a CreateML JSON; see docs/data.md, Annotation "
             "formats)"
         )
         if nameable:

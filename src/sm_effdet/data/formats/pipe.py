@@ -40,7 +40,7 @@ WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
 
 MANIFEST_NAME = "pipe.manifest"
 DEFAULT_LABEL_ATTRIBUTE = "bounding-box"
-# Environment variables (documented in the README): where the cache goes, how long to wait for
+# Environment variables (documented in docs/data.md): where the cache goes, how long to wait for
 # SageMaker to start a stream, how much disk to leave for checkpoints and the model.
 CACHE_DIR_VARIABLE = "SM_EFFDET_PIPE_CACHE_DIR"
 WAIT_VARIABLE = "SM_EFFDET_PIPE_WAIT_SECONDS"
