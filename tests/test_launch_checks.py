@@ -173,14 +173,14 @@ def test_emulated_a_prefix_holding_what_the_folder_lacks_is_refused_or_synced(cl
     before = objects(clients["s3"])
 
     err = refused(capsys, "train", *job_args(shapes, "--name", "job-2", "--no-wait"))
-    assert f"{uri} holds 1 objects that {shapes} lacks (e.g. stale.jpg)" in err and "--sync" in err
+    assert f"{uri} holds 1 object that {shapes} lacks (e.g. stale.jpg)" in err and "--sync" in err
     assert objects(clients["s3"]) == before
     assert [j["TrainingJobName"] for j in clients["sagemaker"].list_training_jobs()[
         "TrainingJobSummaries"]] == ["job-1"]
 
     done = sm_effdet("train", *job_args(shapes, "--name", "job-2", "--no-wait", "--sync"))
     assert done.returncode == 0, done.stderr
-    assert f"--sync: deleted 1 objects from {uri}" in done.stdout
+    assert f"--sync: deleted 1 object from {uri}" in done.stdout
     assert channel_uri(clients["sagemaker"], "job-2") == uri
     assert held(clients["s3"], uri) == folder_files(shapes)
 

@@ -173,7 +173,7 @@ def check_prefixes(s3, targets: list[tuple[FolderListing, str]], sync: bool, out
     if stale and not sync:
         listing, uri, keys = stale[0]
         raise UserInputError(
-            f"{uri} holds {len(keys)} objects that {listing.folder} lacks (e.g. "
+            f"{uri} holds {_objects(len(keys))} that {listing.folder} lacks (e.g. "
             f"{shorten(keys[0].rsplit('/', 1)[-1], 80)}), which the job would train on too; pass "
             "--sync to delete them, or delete them yourself."
         )
@@ -182,7 +182,12 @@ def check_prefixes(s3, targets: list[tuple[FolderListing, str]], sync: bool, out
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys a call
             s3.delete_objects(Bucket=bucket, Delete={
                 "Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
-        print(f"--sync: deleted {len(keys)} objects from {uri} that {listing.folder} lacks", file=out)
+        print(f"--sync: deleted {_objects(len(keys))} from {uri} that {listing.folder} lacks",
+              file=out)
+
+
+def _objects(n: int) -> str:
+    return f"{n} object" if n == 1 else f"{n} objects"
 
 
 def _earlier_versions(s3, bucket: str, prefix: str) -> dict[tuple[str, int], list[str]]:
