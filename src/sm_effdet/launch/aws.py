@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from ..errors import shorten
 
 # Throttling and transient errors are retried by botocore's standard mode (exponential backoff
@@ -15,18 +20,50 @@ THROTTLING = {
 }
 
 
+# A caller that owns the credentials (an Airflow task: its AWS connection, with a role, region
+# and endpoint of its own) makes every client the launcher asks for, so that nothing the launcher
+# does falls back to boto3's default chain behind the caller's back.
+_SOURCE: contextvars.ContextVar[tuple[Callable[[str], Any], str] | None] = contextvars.ContextVar(
+    "sm_effdet_client_source", default=None
+)
+
+
+@contextlib.contextmanager
+def clients_from(make_client: Callable[[str], Any], region: str) -> Iterator[None]:
+    """Inside: `client(service)` is `make_client(service)` and the launcher's region is `region`."""
+    token = _SOURCE.set((make_client, region))
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def scoped_region() -> str | None:
+    """The region of the enclosing `clients_from`, if any."""
+    source = _SOURCE.get()
+    return source[1] if source else None
+
+
 def client(service: str, region: str | None = None):
     """A client with standard retries; region and credentials from the environment or profile,
-    AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>) honoured by botocore itself."""
+    AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>) honoured by botocore itself; inside
+    `clients_from`, the caller's client."""
+    source = _SOURCE.get()
+    if source is not None and region in (None, source[1]):
+        return source[0](service)
     import boto3
-    from botocore.config import Config
 
     from .request import region_name
 
-    config = Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
     return boto3.session.Session().client(
-        service, region_name=region or region_name(), config=config
+        service, region_name=region or region_name(), config=retry_config()
     )
+
+
+def retry_config():
+    from botocore.config import Config
+
+    return Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
 
 
 def explain(exc: BaseException) -> str:

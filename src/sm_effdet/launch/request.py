@@ -149,10 +149,14 @@ def job_name(backbone: str, now: float | None = None) -> str:
 
 
 def region_name(required: bool = True) -> str | None:
-    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile); no AWS call."""
+    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile), or the caller's
+    (aws.clients_from: an Airflow connection's); no AWS call."""
     import botocore.session
 
-    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable("region")
+    from .aws import scoped_region
+
+    region = (scoped_region() or os.environ.get("AWS_REGION")
+              or botocore.session.Session().get_config_variable("region"))
     if not region and required:
         raise UserInputError("no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or "
                              "a region in your AWS profile.")
