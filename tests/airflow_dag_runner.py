@@ -2,7 +2,8 @@
 runs of the sm-effdet DAG with dag.test(), one process for all (Airflow takes tens of seconds
 to start). `python airflow_dag_runner.py PLAN.json`; the plan:
     {"dagbags": [folder, ...], "dag_file": path, "proxy": url,
-     "runs": [{"name": str, "conf": {...}, "env": {"NAME": "value" or null}}, ...]}
+     "runs": [{"name": str, "conf": {...}, "env": {"NAME": "value" or null},
+               "hold": describes of a training job the proxy answers InProgress}, ...]}
 It prints `DAGBAG <folder> <json of import errors> <json of task ids>` and
 `RUN <name> <state>` lines; a run's env is set (null: removed) before it starts.
 """
@@ -44,7 +45,8 @@ def main() -> None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        urllib.request.urlopen(f"{plan['proxy']}/__part__/{run['name']}", timeout=10).read()
+        marker = f"{plan['proxy']}/__part__/{run['name']}?hold={run.get('hold', 0)}"
+        urllib.request.urlopen(marker, timeout=10).read()
         print(f"=== run {run['name']}", flush=True)
         result = module.dag_object.test(run_conf=run["conf"])
         state = str(getattr(result, "state", None)).rsplit(".", 1)[-1].lower()

@@ -5,7 +5,7 @@ It forwards every request to moto unchanged and records, for each, the operation
 User-Agent); it notes the keys STS hands out, so a test can tell a role's requests from the
 caller's own. moto completes a training job at once; the proxy can answer a job's first
 describes with InProgress, as SageMaker does while a job runs, so waiting code really waits.
-A client marks where a part of a test begins with GET /__part__/NAME (not forwarded).
+A client marks where a part of a test begins with GET /__part__/NAME?hold=N (not forwarded).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Call:
 @dataclass
 class Recorder:
     target: str  # host:port of the emulator
-    hold: int = 0  # describes of each training job answered InProgress (per part)
+    hold: int = 0  # describes of each training job answered InProgress (set per part)
     calls: list[Call] = field(default_factory=list)
     issued_keys: set[str] = field(default_factory=set)
     part: str = ""
@@ -97,8 +97,10 @@ def make_handler(recorder: Recorder):
         def _forward(self) -> None:
             body = self._body()
             if self.path.startswith("/__part__/"):
+                marker = urlsplit(self.path)
                 with recorder.lock:
-                    recorder.part = self.path.split("/", 2)[2]
+                    recorder.part = marker.path.split("/", 2)[2]
+                    recorder.hold = int(parse_qs(marker.query).get("hold", [recorder.hold])[0])
                     recorder.described.clear()
                 self._reply(200, [], b"ok")
                 return
@@ -136,6 +138,10 @@ def hold(recorder: Recorder, data: bytes) -> bytes:
         return data
     described["TrainingJobStatus"] = "InProgress"
     described["SecondaryStatus"] = "Training"
+    transitions = described.get("SecondaryStatusTransitions") or []
+    described["SecondaryStatusTransitions"] = [*transitions, {
+        "Status": "Training", "StartTime": described.get("CreationTime"),
+        "StatusMessage": "Training image download completed. Training in progress."}]
     for finished in ("TrainingEndTime", "ModelArtifacts", "FinalMetricDataList"):
         described.pop(finished, None)
     return json.dumps(described).encode()
