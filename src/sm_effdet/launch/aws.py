@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import re
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import JobError, UserInputError, shorten
 
@@ -17,6 +20,30 @@ THROTTLING = {
     "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
     "SlowDown", "RequestThrottled",
 }
+
+
+# A caller that owns the credentials (an Airflow task: its AWS connection, with a role, region
+# and endpoint of its own) makes every client the launcher asks for, so that nothing the launcher
+# does falls back to boto3's default chain behind the caller's back.
+_SOURCE: contextvars.ContextVar[tuple[Callable[[str], Any], str] | None] = contextvars.ContextVar(
+    "sm_effdet_client_source", default=None
+)
+
+
+@contextlib.contextmanager
+def clients_from(make_client: Callable[[str], Any], region: str) -> Iterator[None]:
+    """Inside: `client(service)` is `make_client(service)` and the launcher's region is `region`."""
+    token = _SOURCE.set((make_client, region))
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def scoped_region() -> str | None:
+    """The region of the enclosing `clients_from`, if any."""
+    source = _SOURCE.get()
+    return source[1] if source else None
 
 
 # An unknown name, as each service words it. Real SageMaker answers DescribeTrainingJob with
@@ -71,10 +98,12 @@ def named(what: str, name: str, region: str | None, listing: str | None = None):
 
 
 def region_name(required: bool = True) -> str | None:
-    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile); no AWS call."""
+    """The region the boto3 way (AWS_REGION, AWS_DEFAULT_REGION, the profile), or the caller's
+    (clients_from: an Airflow connection's); no AWS call."""
     import botocore.session
 
-    region = os.environ.get("AWS_REGION") or botocore.session.Session().get_config_variable("region")
+    region = (scoped_region() or os.environ.get("AWS_REGION")
+              or botocore.session.Session().get_config_variable("region"))
     if not region and required:
         raise UserInputError("no AWS region is set; set AWS_REGION (or AWS_DEFAULT_REGION) or "
                              "a region in your AWS profile.")
@@ -83,14 +112,22 @@ def region_name(required: bool = True) -> str | None:
 
 def client(service: str, region: str | None = None):
     """A client with standard retries; region and credentials from the environment or profile,
-    AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>) honoured by botocore itself."""
+    AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>) honoured by botocore itself; inside
+    `clients_from`, the caller's client."""
+    source = _SOURCE.get()
+    if source is not None and region in (None, source[1]):
+        return source[0](service)
     import boto3
+
+    return boto3.session.Session().client(
+        service, region_name=region or region_name(), config=retry_config()
+    )
+
+
+def retry_config():
     from botocore.config import Config
 
-    config = Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
-    return boto3.session.Session().client(
-        service, region_name=region or region_name(), config=config
-    )
+    return Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS})
 
 
 def explain(exc: BaseException) -> str:
