@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import boto3
 import pytest
 from aws_proxy import RecordingProxy
-from conftest import NETGUARD
+from conftest import NETGUARD, push_image
 from pipeline_envs import AIRFLOW_PROJECTS, airflow_python
 
 from sm_effdet.demo import make_shapes_dataset
@@ -171,6 +171,7 @@ def test_emulated_runs_one_connection_deferred_waits_and_retries(airflow, aws, t
     s3 = boto3.client("s3", region_name=REGION)
     sagemaker = boto3.client("sagemaker", region_name=REGION)
     s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    push_image(IMAGE)  # prepare checks the image in ECR, through the connection, as train does
     # A COCO JSON without sizes: `prepare` reads the image headers (Pillow) on the worker.
     data = tmp_path / "shapes" / "training"
     coco = make_shapes_dataset(data, n_images=6)

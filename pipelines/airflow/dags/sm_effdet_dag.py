@@ -273,7 +273,9 @@ def sm_effdet_train_gate_deploy():
         log = io.StringIO()
         try:
             with clients_from(_connection_clients(region), region):
-                request = prepare_training_request(args, s3=client("s3"), out=log)
+                # The image is looked up in ECR with the connection's credentials too.
+                request = prepare_training_request(args, s3=client("s3"),
+                                                   ecr=lambda r: client("ecr", r), out=log)
         except UserInputError as exc:  # bad input: one sentence, and no retry can mend it
             print(log.getvalue())
             raise AirflowFailException(str(exc)) from None
