@@ -6,4 +6,7 @@ decoding.py   request bodies (raw image bytes, JSON, JSON Lines) and CustomAttri
 batching.py   dynamic batching of concurrent requests, bounded queue
 formats.py    response bodies (JSON, JSON Lines, the built-in algorithm's format)
 app.py        the routes (/ping, /invocations, /execution-parameters), logging, main()
+
+May import: model (inference, model_card, preprocessing, artifacts) and the package's root
+modules; never training/, data/ or launch/.
 """
