@@ -129,11 +129,19 @@ def tree(tmp_path: Path):
     return make
 
 
+# The session's trained model: tests/test_recipe.py warm-starts from it on the same 16 images
+# and checks its EMA weights (effdet's decay), so both are part of it.
+TRAINED_MODEL_HP = {**FAST, "val_fraction": "0.25", "ema_decay": "0.9998"}
+TRAINED_MODEL_IMAGES = 16
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> Path:
-    """A model folder written by the real ./train (tiny: FAST, 1 epoch), shared by the session:
-    tests/test_serve.py and tests/test_serve_hardening.py serve it."""
-    base = write_tree(tmp_path_factory.mktemp("serve") / "opt_ml", {**FAST, "val_fraction": "0.25"}, n_images=12)
+    """A model folder written by the real ./train (tiny: FAST, 1 epoch, EMA of the weights),
+    shared by the session: tests/test_serve.py, test_serve_hardening.py and test_exif.py serve
+    it, tests/test_recipe.py starts from it."""
+    base = write_tree(tmp_path_factory.mktemp("serve") / "opt_ml", TRAINED_MODEL_HP,
+                      n_images=TRAINED_MODEL_IMAGES)
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return base
