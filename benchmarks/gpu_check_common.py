@@ -32,6 +32,7 @@ class Sizes:
     half_precision: str
     sigterm_batch: int
     sigterm_epochs: int  # 2 on the GPU: a stop after a fast first epoch still lands in one
+    sigterm_after_s: float  # after the first step began; 0: during the first step
     deadline_s: float
 
 
@@ -44,20 +45,22 @@ def gpu_sizes(deadline_s: float) -> Sizes:
         loop_batch=32, loop_steps=30,
         workers=[("all_cores", cores, cores), ("4_cores", min(4, cores), 3)],
         compile_backend="inductor", serve_requests=400, half_precision="16-mixed",
-        sigterm_batch=8, sigterm_epochs=2, deadline_s=deadline_s,
+        sigterm_batch=8, sigterm_epochs=2, sigterm_after_s=1.0, deadline_s=deadline_s,
     )
 
 
 def cpu_sizes(deadline_s: float) -> Sizes:
     cores = os.cpu_count() or 1
     return Sizes(
-        device="cpu", img_size=256, images=24, image_size=(320, 240),
+        # 8 images: each ./train's fixed cost (imports, model, report) is most of its time;
+        # 4 steps of batch 2 still leave the SIGTERM, sent during the first, mid-epoch.
+        device="cpu", img_size=256, images=8, image_size=(320, 240),
         backbones={"tf_lite0": 4, "tf_d0": 4}, epochs={"tf_lite0": 1, "tf_d0": 1},
         batch_search={"tf_lite0": (1, 2), "tf_d0": (1, 2)}, search_seconds=600,
         loop_batch=2, loop_steps=2,
         workers=[("all_cores", cores, cores), ("4_cores", min(4, cores), min(3, cores))],
         compile_backend="eager", serve_requests=8, half_precision="bf16-mixed",
-        sigterm_batch=2, sigterm_epochs=1, deadline_s=deadline_s,
+        sigterm_batch=2, sigterm_epochs=1, sigterm_after_s=0.0, deadline_s=deadline_s,
     )
 
 

@@ -219,7 +219,7 @@ def part_sigterm(check: Check) -> dict:
 
     base = job_tree(check, "sigterm", {"backbone": "tf_lite0", "batch_size": str(check.sizes.sigterm_batch),
                                        "epochs": str(check.sizes.sigterm_epochs)})
-    stopped = run_train(check, base, stop_after_first_step_s=1.0)
+    stopped = run_train(check, base, stop_after_first_step_s=check.sizes.sigterm_after_s)
     failure = base / "output" / "failure"
     reason = failure.read_text() if failure.is_file() else ""
     checkpoints = [p.name for p in list_checkpoints(base / "checkpoints")]

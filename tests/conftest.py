@@ -6,14 +6,28 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from sm_effdet.demo import make_shapes_dataset
-
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train"
+
+# Where the environment says not to write bytecode (PYTHONDONTWRITEBYTECODE), each of the
+# suite's ~100 ./train, ./serve and sm-effdet processes compiled the ~2,300 modules of torch,
+# Lightning, timm and the rest from source again: about 4 of a tiny job's 20 CPU seconds.
+# The tests keep the compiled copies in a folder of their own under the temporary directory
+# instead (never beside the sources or in the environment; each copy is checked against its
+# source's time and size, as Python always does), reused by the next run.
+if sys.flags.dont_write_bytecode and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    _PYCACHE = Path(tempfile.gettempdir()) / f"sm-effdet-tests-pycache-{os.getuid()}"
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(_PYCACHE)
+    sys.dont_write_bytecode = False  # this process too: the test modules import torch
+    sys.pycache_prefix = str(_PYCACHE)
+
+from sm_effdet.demo import make_shapes_dataset  # noqa: E402
 
 # The network guard: this process and every Python process a test starts refuse connections
 # outside loopback (tests/netguard/sitecustomize.py; tests/test_network_guard.py checks it).
@@ -115,11 +129,19 @@ def tree(tmp_path: Path):
     return make
 
 
+# The session's trained model: tests/test_recipe.py warm-starts from it on the same 16 images
+# and checks its EMA weights (effdet's decay), so both are part of it.
+TRAINED_MODEL_HP = {**FAST, "val_fraction": "0.25", "ema_decay": "0.9998"}
+TRAINED_MODEL_IMAGES = 16
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> Path:
-    """A model folder written by the real ./train (tiny: FAST, 1 epoch), shared by the session:
-    tests/test_serve.py and tests/test_serve_hardening.py serve it."""
-    base = write_tree(tmp_path_factory.mktemp("serve") / "opt_ml", {**FAST, "val_fraction": "0.25"}, n_images=12)
+    """A model folder written by the real ./train (tiny: FAST, 1 epoch, EMA of the weights),
+    shared by the session: tests/test_serve.py, test_serve_hardening.py and test_exif.py serve
+    it, tests/test_recipe.py starts from it."""
+    base = write_tree(tmp_path_factory.mktemp("serve") / "opt_ml", TRAINED_MODEL_HP,
+                      n_images=TRAINED_MODEL_IMAGES)
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return base

@@ -85,16 +85,3 @@ def test_sigkill_during_writes_never_leaves_a_corrupt_checkpoint(tmp_path):
             checkpoint = torch.load(path, weights_only=True)
             assert checkpoint["w"].numel() == 2_000_000
         assert find_resumable(tmp_path, META) is not None
-
-
-def test_a_tuning_trial_checkpoints_in_a_folder_of_its_own(tree):
-    """The trials of a tuning job share one CheckpointConfig: each writes below its own job name,
-    so that no trial resumes (or prunes) another's checkpoints."""
-    from conftest import FAST, run_train
-
-    base = tree({**FAST, "_tuning_objective_metric": "validation:mAP"}, n_images=8)
-    done = run_train(base, TRAINING_JOB_NAME="tune-1-001-3f2a9c1e")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    trial = base / "checkpoints" / "tune-1-001-3f2a9c1e"
-    assert list_checkpoints(trial), sorted(p.name for p in (base / "checkpoints").rglob("*"))
-    assert not list_checkpoints(base / "checkpoints")

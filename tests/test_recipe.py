@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import FAST, REPO, failure_text, run_train, write_tree
+from conftest import FAST, REPO, TRAINED_MODEL_IMAGES, failure_text, run_train, write_tree
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -31,13 +31,13 @@ def class_rows(tensor, num_classes):
 
 
 @pytest.fixture(scope="module")
-def first_model(tmp_path_factory):
-    """One epoch from scratch with effdet's EMA: the model the warm starts begin from."""
-    base = tmp_path_factory.mktemp("first") / "opt_ml"
-    write_tree(base, {**FAST, "val_fraction": "0.25", "ema_decay": "0.9998"}, n_images=16)
-    result = run_train(base)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return base
+def first_model(trained_model):
+    """One epoch from scratch with effdet's EMA: the model the warm starts begin from. The
+    session's trained model (conftest.trained_model) is such a job; one ./train fewer."""
+    meta = json.loads((trained_model / "model" / "model.json").read_text())
+    assert meta["hyperparameters"]["ema_decay"] == 0.9998
+    assert meta["data"]["train"] + meta["data"]["val"] == TRAINED_MODEL_IMAGES
+    return trained_model
 
 
 def test_ema_weights_differ_from_raw_and_are_the_model(first_model):
@@ -63,7 +63,7 @@ STILL = {**FAST, "learning_rate": "1e-9", "warmup_epochs": "0", "ema_decay": "0"
 
 
 def test_warm_start_with_the_same_classes_keeps_every_weight(first_model, tmp_path):
-    base = write_tree(tmp_path / "opt_ml", STILL, n_images=16)
+    base = write_tree(tmp_path / "opt_ml", STILL, n_images=TRAINED_MODEL_IMAGES)  # the same split
     _model_channel(base, first_model)
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

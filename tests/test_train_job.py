@@ -14,14 +14,20 @@ import torch
 from conftest import FAST, REPO, failure_text, model_files, run_train, write_tree
 from PIL import Image
 
+from sm_effdet.training.checkpoints import list_checkpoints
 from sm_effdet.training.metrics_log import METRICS, metric_definitions
 
 MODEL_FILES = ["inference.py", "model.json", "model.safetensors", "model_card.py", "preprocessing.py"]
 
 
+TRIAL = "tune-1-001-3f2a9c1e"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Two epochs with hyperparameters as the console and boto3 send them (plain strings)."""
+    """Two epochs with hyperparameters as the console and boto3 send them (plain strings), run
+    as a tuning job's trial: the objective metric among them, the trial's name in
+    TRAINING_JOB_NAME."""
     base = tmp_path_factory.mktemp("plain") / "opt_ml"
     hyperparameters = {
         **FAST,
@@ -35,7 +41,7 @@ def trained(tmp_path_factory):
         "_tuning_objective_metric": "validation:mAP",
     }
     write_tree(base, hyperparameters, n_images=32)
-    result = run_train(base)
+    result = run_train(base, TRAINING_JOB_NAME=TRIAL)
     return base, result
 
 
@@ -133,6 +139,16 @@ def test_model_rebuilds_from_model_folder_alone_and_predicts(trained, tmp_path):
     assert again[0]["score"] == pytest.approx(detections[0]["score"], rel=1e-4)
 
 
+def test_a_tuning_trial_checkpoints_in_a_folder_of_its_own(trained):
+    """The trials of a tuning job share one CheckpointConfig: each writes below its own job name,
+    so that no trial resumes (or prunes) another's checkpoints."""
+    base, result = trained
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    trial = base / "checkpoints" / TRIAL
+    assert list_checkpoints(trial), sorted(p.name for p in (base / "checkpoints").rglob("*"))
+    assert not list_checkpoints(base / "checkpoints")
+
+
 def test_json_encoded_hyperparameters_and_validation_channel(tmp_path):
     """Framework estimators json.dumps every value; a validation channel replaces the split."""
     hyperparameters = {
@@ -166,13 +182,15 @@ def test_json_encoded_hyperparameters_and_validation_channel(tmp_path):
     assert (base / "output" / "data" / "report" / "index.html").exists()
 
 
-def test_pretrained_weights_from_a_channel(tmp_path):
-    """pretrained=true with a 'pretrained' channel: the file is loaded, the class head is new."""
+@pytest.fixture(scope="module")
+def from_coco_file(tmp_path_factory):
+    """One epoch from a COCO detector file in a 'pretrained' channel (learning rate 1e-9), no
+    validation set, one image that cannot be read: two tests' job in one ./train."""
     from effdet import create_model
 
     base = write_tree(
-        tmp_path / "opt_ml",
-        {**FAST, "pretrained": "true", "learning_rate": "1e-9", "warmup_epochs": "0"},
+        tmp_path_factory.mktemp("pretrained") / "opt_ml",
+        {**FAST, "pretrained": "true", "learning_rate": "1e-9", "warmup_epochs": "0", "val_fraction": "0"},
         n_images=8,
     )
     coco_model = create_model("tf_efficientdet_lite0", num_classes=90, pretrained=False, pretrained_backbone=False)
@@ -180,7 +198,13 @@ def test_pretrained_weights_from_a_channel(tmp_path):
     channel.mkdir(parents=True)
     weights = coco_model.state_dict()
     torch.save(weights, channel / "tf_efficientdet_lite0-dfacfc78.pth")
-    result = run_train(base)
+    (base / "input" / "data" / "training" / "images" / "shape_00002.jpg").write_bytes(b"not a jpeg")
+    return base, run_train(base), weights
+
+
+def test_pretrained_weights_from_a_channel(from_coco_file):
+    """pretrained=true with a 'pretrained' channel: the file is loaded, the class head is new."""
+    base, result, weights = from_coco_file
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "pretrained weights: " in result.stdout and "tf_efficientdet_lite0-dfacfc78.pth" in result.stdout
     from safetensors.torch import load_file
@@ -233,10 +257,8 @@ def test_pipe_mode_and_missing_channel_fail_clearly(tree):
     assert "the job has no 'training' channel" in failure_text(base)
 
 
-def test_unreadable_images_are_skipped_mid_epoch(tree):
-    base = tree({**FAST, "val_fraction": "0"}, n_images=6)
-    (base / "input" / "data" / "training" / "images" / "shape_00002.jpg").write_bytes(b"not a jpeg")
-    result = run_train(base)
+def test_unreadable_images_are_skipped_mid_epoch(from_coco_file):
+    base, result, _ = from_coco_file
     assert result.returncode == 0, result.stdout[-3000:]
     assert "skipping image: cannot read images/shape_00002.jpg" in result.stdout
     assert re.search(r"epoch=1/1 .*images_skipped=1\b", result.stdout)
