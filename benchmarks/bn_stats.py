@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--images", default="16,64,all", help="numbers of training images (all: every one)")
     parser.add_argument("--transforms", default="train,eval", help="train (augmented) and/or eval")
+    parser.add_argument("--epochs", default=None, help="only these epochs, e.g. 4,5,10 (1-based)")
     args = parser.parse_args()
 
     import torch
@@ -77,7 +78,10 @@ def main() -> None:
         epoch, step = (int(re.search(rf"{k}(\d+)", path.name).group(1)) for k in ("epoch", "step"))
         if step >= ends.get(epoch, (0, None))[0]:
             ends[epoch] = (step, path)
+    wanted = {int(e) - 1 for e in args.epochs.split(",")} if args.epochs else set(ends)
     for epoch_index, (_, path) in sorted(ends.items()):
+        if epoch_index not in wanted:
+            continue
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint["state_dict"]
         prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "bench.model."

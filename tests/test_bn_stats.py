@@ -10,7 +10,13 @@ import pytest
 import torch
 from conftest import FAST, run_train, write_tree
 
-from sm_effdet.training.precise_bn import reestimate, stats_subset, trained_norms
+from sm_effdet.training.precise_bn import (
+    NORM_MOMENTUM,
+    reestimate,
+    set_norm_momentum,
+    stats_subset,
+    trained_norms,
+)
 
 
 class Net(torch.nn.Module):
@@ -94,6 +100,23 @@ def test_a_frozen_backbone_keeps_its_statistics_and_no_batch_keeps_all():
     again = {k: v.clone() for k, v in after.items()}
     assert reestimate(net, trained_norms(net, backbone_frozen=False), []) == 0
     assert all(torch.equal(net.state_dict()[k], v) for k, v in again.items())
+
+
+def test_the_bifpn_and_head_norms_average_faster_than_effdets_and_the_backbone_keeps_timms():
+    from sm_effdet.model.efficientdet import build_model
+
+    net = build_model("tf_lite0", 2, 256, False, None).model
+    before = {name: m.momentum for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert {v for k, v in before.items() if not k.startswith("backbone.")} == {0.01}  # effdet's
+    from sm_effdet.hyperparameters import parse_hyperparameters
+
+    assert parse_hyperparameters({}).bn_momentum == NORM_MOMENTUM  # the job passes bn_momentum
+    changed = set_norm_momentum(net)
+    after = {name: m.momentum for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert changed == sum(not k.startswith("backbone.") for k in after) > 50
+    assert {v for k, v in after.items() if not k.startswith("backbone.")} == {NORM_MOMENTUM} == {0.1}
+    assert {k: v for k, v in after.items() if k.startswith("backbone.")} == {
+        k: v for k, v in before.items() if k.startswith("backbone.")}
 
 
 def test_the_statistics_subset_is_seeded_bounded_and_shared_between_ranks():

@@ -153,6 +153,14 @@ def test_warmup_in_epochs_or_auto_in_steps():
         parse_hyperparameters({"warmup_epochs": "-1"})
 
 
+def test_batch_norm_momentum():
+    assert parse_hyperparameters({}).bn_momentum == 0.1
+    assert parse_hyperparameters({"bn_momentum": "0.01"}).bn_momentum == 0.01
+    for bad in ("0", "1.5"):
+        with pytest.raises(UserInputError, match=f"'bn_momentum' has invalid value '{bad}': it must be greater than 0 and at most 1"):
+            parse_hyperparameters({"bn_momentum": bad})
+
+
 def test_batch_norm_statistics_images():
     assert parse_hyperparameters({"bn_stats_images": "64"}).bn_stats_images == 64
     assert parse_hyperparameters({"bn_stats_images": "0"}).bn_stats_images == 0

@@ -144,6 +144,11 @@ def _img_size(value: int) -> None:
         raise _Invalid("a multiple of 128 from 256 to 2048 (for example 512)")
 
 
+def _fraction(value: float) -> None:
+    if not 0 < value <= 1:
+        raise _Invalid("greater than 0 and at most 1")
+
+
 def _auto_or_positive(value: Any, raw: Any) -> float | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
@@ -290,6 +295,11 @@ class Hyperparameters:
     freeze_backbone_epochs: int = _spec(
         0, _as_int, "train only the FPN and heads for this many first epochs, then everything",
         _between(0),
+    )
+    bn_momentum: float = _spec(
+        0.1, _as_float, "momentum of the running batch-norm averages of the BiFPN and head layers "
+        "(the backbone keeps timm's 0.1); effdet's 0.01 is made for runs of many thousand steps",
+        _fraction,
     )
     bn_stats_images: int = _spec(
         0, _as_int, "training images over which the batch-norm statistics are re-estimated "

@@ -267,6 +267,7 @@ def _model(
     from ..evaluation import coco_eval
     from ..model.efficientdet import build_model
     from .lightning_module import EfficientDetModule
+    from .precise_bn import set_norm_momentum
     from .warm_start import MODEL_CHANNEL, load_backbone_weights, warm_start
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
@@ -278,6 +279,7 @@ def _model(
         warm_start(bench.model, env.channel(MODEL_CHANNEL), hp.backbone, [c.name for c in categories])
     elif start == "backbone":
         load_backbone_weights(bench.model, hp.backbone, pretrained_dir)
+    set_norm_momentum(bench.model, hp.bn_momentum)
     val_gt = coco_eval.ground_truth(val_records, len(categories)) if val_records else None
     return EfficientDetModule(bench, hp, val_gt, report, origin)
 

@@ -28,6 +28,21 @@ from torch.nn.modules.batchnorm import _BatchNorm
 log = logging.getLogger(__name__)
 
 BACKBONE = "backbone."
+# The default momentum (hyperparameter bn_momentum) of the BiFPN and head norms' running averages.
+# effdet's 0.01 (TF's decay 0.99) suits runs of many thousand steps; on runs of hundreds of steps
+# it leaves the averages near their start. Measured on the same weights (the momentum does not
+# change training): raccoon, 10 epochs at 256 px, best valid mAP 0.287 against 0.221 (README,
+# Recipe). The backbone keeps timm's 0.1.
+NORM_MOMENTUM = 0.1
+
+
+def set_norm_momentum(net: torch.nn.Module, momentum: float = NORM_MOMENTUM) -> int:
+    """Set the momentum of every batch norm outside the backbone; the number of layers."""
+    layers = [m for name, m in net.named_modules()
+              if isinstance(m, _BatchNorm) and not (name + ".").startswith(BACKBONE)]
+    for bn in layers:
+        bn.momentum = momentum
+    return len(layers)
 
 
 def trained_norms(net: torch.nn.Module, backbone_frozen: bool) -> list[_BatchNorm]:
