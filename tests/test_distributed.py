@@ -114,3 +114,50 @@ def test_a_failing_rank_ends_the_other_quickly(tmp_path):
     reason = failure_text(master).splitlines()[0]
     assert reason.startswith("training stopped because rank 1 on localhost failed: no COCO annotation file"), reason
     assert model_files(master) == []
+
+
+def _freezing_rank(rank: int, store: str, out: str) -> None:
+    import torch
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same weights on both ranks
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    backbone = net[0]
+    # As job.py wraps a model whose backbone may freeze: every parameter trainable at wrap time.
+    ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    data = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for step, frozen in enumerate([True, True, False]):
+        backbone.requires_grad_(not frozen)
+        net.zero_grad(set_to_none=True)
+        ddp(data[rank] * (step + 1)).square().sum().backward()
+        grads[step] = {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    torch.save(grads, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_frozen_backbone_has_no_gradients_under_ddp_and_thaws_averaged(tmp_path):
+    """Freezing by requires_grad (training/lightning_module.py) under DDP with
+    find_unused_parameters (job.py): while frozen no rank computes or receives a backbone
+    gradient; once thawed both get the average of the two ranks' gradients, as every layer does."""
+    import torch
+
+    torch.multiprocessing.spawn(_freezing_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    # The average each gradient should be, computed here in one process without DDP.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    data = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5))
+    for step, frozen in enumerate([True, True, False]):
+        local = []
+        for rank in range(2):
+            net.zero_grad(set_to_none=True)
+            net(data[rank] * (step + 1)).square().sum().backward()
+            local.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        for name in local[0]:
+            got = [ranks[r][step][name] for r in range(2)]
+            if frozen and name.startswith("0."):
+                assert got == [None, None], (step, name)
+            else:
+                average = (local[0][name] + local[1][name]) / 2
+                assert all(g is not None and torch.allclose(g, average, atol=1e-6) for g in got), (step, name)

@@ -5,6 +5,8 @@ import pytest
 
 from sm_effdet.errors import UserInputError
 from sm_effdet.hyperparameters import (
+    AUTO_WARMUP_STEPS,
+    DEFAULT_BACKBONE_LR_RATIOS,
     DEFAULT_LEARNING_RATES,
     SPECS,
     example_hyperparameters,
@@ -121,6 +123,49 @@ def test_recipe_keys_and_the_learning_rate_of_each_optimizer():
     assert (default.gradient_clip, sgd.gradient_clip) == (10.0, None)
     with pytest.raises(UserInputError, match="'ema_decay' has invalid value '1': it must be below 1"):
         parse_hyperparameters({"ema_decay": "1"})
+
+
+def test_backbone_learning_rate_ratio_by_starting_point():
+    default = parse_hyperparameters({})
+    for start, ratio in DEFAULT_BACKBONE_LR_RATIOS.items():
+        assert default.backbone_lr_factor(start) == ratio
+    assert DEFAULT_BACKBONE_LR_RATIOS["scratch"] == 1.0  # nothing pretrained to protect
+    set_by_hand = parse_hyperparameters({"backbone_lr_ratio": "0.25"})
+    assert {set_by_hand.backbone_lr_factor(s) for s in DEFAULT_BACKBONE_LR_RATIOS} == {0.25}
+    assert parse_hyperparameters({"backbone_lr_ratio": "\"AUTO\""}).backbone_lr_ratio == "auto"
+    for bad in ("0", "-1", "11", "fast"):
+        with pytest.raises(UserInputError, match=f"'backbone_lr_ratio' has invalid value '{bad}': it must "
+                           "be 'auto' or a number greater than 0 and at most 10"):
+            parse_hyperparameters({"backbone_lr_ratio": bad})
+
+
+def test_warmup_in_epochs_or_auto_in_steps():
+    assert parse_hyperparameters({"warmup_epochs": "2.5"}).warmup_steps(20, 200) == 50
+    auto = parse_hyperparameters({"warmup_epochs": "auto"})
+    # Long runs: the fixed number of steps; it is more than one epoch of a small data set.
+    assert auto.warmup_steps(20, 4000) == AUTO_WARMUP_STEPS
+    # Short runs: a third of the run at most; never less than one epoch.
+    assert auto.warmup_steps(20, 150) == 50
+    assert auto.warmup_steps(20, 30) == 20
+    # Large data sets: one epoch when that is longer.
+    assert auto.warmup_steps(500, 50_000) == 500
+    with pytest.raises(UserInputError, match="'warmup_epochs' has invalid value '-1': it must be 'auto' or a number of 0 or more"):
+        parse_hyperparameters({"warmup_epochs": "-1"})
+
+
+def test_batch_norm_momentum():
+    assert parse_hyperparameters({}).bn_momentum == 0.1
+    assert parse_hyperparameters({"bn_momentum": "0.01"}).bn_momentum == 0.01
+    for bad in ("0", "1.5"):
+        with pytest.raises(UserInputError, match=f"'bn_momentum' has invalid value '{bad}': it must be greater than 0 and at most 1"):
+            parse_hyperparameters({"bn_momentum": bad})
+
+
+def test_batch_norm_statistics_images():
+    assert parse_hyperparameters({"bn_stats_images": "64"}).bn_stats_images == 64
+    assert parse_hyperparameters({"bn_stats_images": "0"}).bn_stats_images == 0
+    with pytest.raises(UserInputError, match="'bn_stats_images' has invalid value '-5': it must be at least 0"):
+        parse_hyperparameters({"bn_stats_images": "-5"})
 
 
 def test_example_file_lists_every_key_with_its_default():

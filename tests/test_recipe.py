@@ -139,11 +139,12 @@ def backbone_file(tmp_path_factory):
 
 def test_backbone_weights_from_a_channel_and_a_frozen_backbone(backbone_file, tmp_path):
     """pretrained=backbone: every backbone tensor from the file, none in the heads; frozen for
-    the (only) epoch, so the backbone the model holds is exactly the file's (the EMA of an
-    unchanged weight is that weight)."""
+    the (only) epoch (no gradients: requires_grad off), so the backbone the model holds is
+    exactly the file's. The backbone's learning rate is its share of learning_rate."""
     base = write_tree(
         tmp_path / "opt_ml",
-        {**FAST, "pretrained": "backbone", "freeze_backbone_epochs": "1", "val_fraction": "0.25"},
+        {**FAST, "pretrained": "backbone", "freeze_backbone_epochs": "1", "val_fraction": "0.25",
+         "backbone_lr_ratio": "0.5"},
         n_images=16,
     )
     channel = base / "input" / "data" / "pretrained"
@@ -153,6 +154,7 @@ def test_backbone_weights_from_a_channel_and_a_frozen_backbone(backbone_file, tm
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "(240 of 240 backbone tensors as timm's tf_efficientnet_lite0" in result.stdout
     assert "backbone frozen: epochs 1 to 1 train the FPN and heads only" in result.stdout
+    assert "learning rates: FPN and heads 0.001, backbone 0.0005 (backbone_lr_ratio 0.5)" in result.stdout
 
     imagenet = load_file(str(backbone_file))
     model = trained_weights(base)
@@ -227,3 +229,17 @@ def test_backbone_weights_offline_or_missing_say_how_to_fix(tmp_path):
     assert "holds no backbone weights files (files: tf_efficientdet_lite0.safetensors)" in reason
     assert "give exactly one file with timm's tf_efficientnet_lite0 ImageNet weights" in reason
     assert not (base / "model" / "model.safetensors").exists()
+
+
+def test_a_thawed_backbone_ramps_up_over_the_warm_up_length():
+    """Frozen: factor 0. Thawed: the schedule times a ramp over the warm-up length, because the
+    backbone's optimiser state starts afresh then (it had no gradients while frozen)."""
+    from sm_effdet.training.lightning_module import backbone_schedule, lr_factor_fn
+
+    schedule = lr_factor_fn("cosine", 100, 10)
+    assert backbone_schedule(schedule, 0, 10) is schedule
+    thawing = backbone_schedule(schedule, 30, 10)
+    assert [thawing(s) for s in (0, 29)] == [0.0, 0.0]
+    for step in range(30, 40):
+        assert thawing(step) == pytest.approx(schedule(step) * (step - 29) / 10)
+    assert [thawing(s) for s in (40, 99)] == [schedule(40), schedule(99)]

@@ -44,6 +44,13 @@ DEFAULT_LEARNING_RATES = {"adamw": 0.001, "sgd": 0.1}
 # every SGD step 50-100 fold. AdamW divides the gradient's scale out, so clipping only tames its
 # spikes.
 DEFAULT_CLIP_GRAD_NORMS = {"adamw": 10.0, "sgd": 0.0}
+# The backbone's learning rate relative to the rest when `backbone_lr_ratio` is 'auto', by where
+# the weights come from (training/warm_start.choose_starting_point). Measured on raccoon and BCCD
+# (README, "Recipe"); a start from scratch has nothing pretrained to protect.
+DEFAULT_BACKBONE_LR_RATIOS = {"coco": 1.0, "backbone": 1.0, "scratch": 1.0, "warm": 1.0}
+# Warm-up when `warmup_epochs` is 'auto': this many steps, but at least one epoch and at most a
+# third of the run (README, "Recipe": one epoch of a small data set is a handful of steps).
+AUTO_WARMUP_STEPS = 100
 PRETRAINED_CHOICES = "true (effdet's COCO detector), false (from scratch) or backbone (ImageNet backbone only)"
 
 
@@ -137,6 +144,11 @@ def _img_size(value: int) -> None:
         raise _Invalid("a multiple of 128 from 256 to 2048 (for example 512)")
 
 
+def _fraction(value: float) -> None:
+    if not 0 < value <= 1:
+        raise _Invalid("greater than 0 and at most 1")
+
+
 def _auto_or_positive(value: Any, raw: Any) -> float | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
@@ -158,6 +170,19 @@ def _auto_or_non_negative(value: Any, raw: Any) -> float | str:
         raise _Invalid("'auto' or a number of 0 or more") from None
     if number < 0:
         raise _Invalid("'auto' or a number of 0 or more")
+    return number
+
+
+def _auto_or_ratio(value: Any, raw: Any) -> float | str:
+    allowed = "'auto' or a number greater than 0 and at most 10"
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = _as_float(value, raw)
+    except _Invalid:
+        raise _Invalid(allowed) from None
+    if not 0 < number <= 10:
+        raise _Invalid(allowed)
     return number
 
 
@@ -239,8 +264,13 @@ class Hyperparameters:
         "cosine", _as_str, "cosine, step or constant, after the warmup",
         _choice("cosine", "step", "constant"),
     )
-    warmup_epochs: float = _spec(
-        1.0, _as_float, "epochs of linear learning-rate warmup (fractions allowed)", _between(0)
+    warmup_epochs: float | str = _spec(
+        1.0, _auto_or_non_negative, "epochs of linear learning-rate warmup (fractions allowed); "
+        f"auto: {AUTO_WARMUP_STEPS} steps, at least one epoch and at most a third of the run",
+    )
+    backbone_lr_ratio: float | str = _spec(
+        "auto", _auto_or_ratio, "the backbone's learning rate relative to learning_rate (the "
+        "FPN and heads'); auto by the starting point (see the log's first lines)",
     )
     seed: int = _spec(
         42, _as_int, "random seed for the split, the weights and augmentation",
@@ -264,6 +294,16 @@ class Hyperparameters:
     )
     freeze_backbone_epochs: int = _spec(
         0, _as_int, "train only the FPN and heads for this many first epochs, then everything",
+        _between(0),
+    )
+    bn_momentum: float = _spec(
+        0.1, _as_float, "momentum of the running batch-norm averages of the BiFPN and head layers "
+        "(the backbone keeps timm's 0.1); effdet's 0.01 is made for runs of many thousand steps",
+        _fraction,
+    )
+    bn_stats_images: int = _spec(
+        0, _as_int, "training images over which the batch-norm statistics are re-estimated "
+        "before each validation and before the model is written; 0: the running averages",
         _between(0),
     )
     ema_decay: float = _spec(
@@ -333,6 +373,18 @@ class Hyperparameters:
         if self.learning_rate == "auto":
             return DEFAULT_LEARNING_RATES[self.optimizer]
         return float(self.learning_rate)
+
+    def backbone_lr_factor(self, start: str) -> float:
+        """The backbone's share of the peak rate for a start from `start` ('coco', 'backbone',
+        'scratch' or 'warm')."""
+        if self.backbone_lr_ratio == "auto":
+            return DEFAULT_BACKBONE_LR_RATIOS[start]
+        return float(self.backbone_lr_ratio)
+
+    def warmup_steps(self, steps_per_epoch: float, total_steps: int) -> int:
+        if self.warmup_epochs == "auto":
+            return round(max(steps_per_epoch, min(AUTO_WARMUP_STEPS, total_steps / 3)))
+        return round(float(self.warmup_epochs) * steps_per_epoch)
 
     @property
     def gradient_clip(self) -> float | None:

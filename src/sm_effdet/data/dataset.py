@@ -167,7 +167,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_loader(
-    dataset: DetectionDataset, batch_size: int, num_workers: int, shuffle: bool, pin_memory: bool
+    dataset: DetectionDataset, batch_size: int, num_workers: int, shuffle: bool, pin_memory: bool,
+    generator: torch.Generator | None = None,
 ) -> DataLoader:
     return DataLoader(
         dataset,
@@ -178,4 +179,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=False,
+        generator=generator,
     )

@@ -122,7 +122,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
 
     import lightning as L
 
-    from .warm_start import MODEL_CHANNEL, choose_starting_point
+    from .warm_start import MODEL_CHANNEL, choose_starting_point, weights_origin
 
     L.seed_everything(hp.seed, workers=True, verbose=False)
     settings = _run_settings(hp, layout)
@@ -134,8 +134,16 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
     train_loader, val_loader = _loaders(hp, settings, train_records, val_records)
     stops.start_up("building the model")
     start = choose_starting_point(hp.pretrained, env.channel(MODEL_CHANNEL), resume_path is not None)
-    module = _model(env, hp, categories, val_records, report, start)
-    run = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records), scan)
+    origin = weights_origin(hp.pretrained, env.channel(MODEL_CHANNEL))  # a resumed run's too
+    module = _model(env, hp, categories, val_records, report, start, origin)
+    stats_loader = None
+    if hp.bn_stats_images > 0:
+        from .precise_bn import stats_loader as make_stats_loader
+
+        stats_loader = make_stats_loader(hp, settings, layout.global_rank, layout.world_size,
+                                         train_records)
+    run = _callbacks(env, hp, checkpoint_dir, fit_meta, bool(val_records), scan, stats_loader,
+                     len(train_records))
     log.info(
         "training %s at %d px: %d train / %d validation images, batch %d per process (%d in "
         "all), %d epochs, %s precision on %s, %d loader workers per process; best model by %s; "
@@ -260,11 +268,12 @@ def _loaders(
 
 def _model(
     env: TrainingEnvironment, hp: Hyperparameters, categories: list[Category],
-    val_records: list[ImageRecord], report: DataReport, start: str,
+    val_records: list[ImageRecord], report: DataReport, start: str, origin: str,
 ) -> Any:
     from ..evaluation import coco_eval
     from ..model.efficientdet import build_model
     from .lightning_module import EfficientDetModule
+    from .precise_bn import set_norm_momentum
     from .warm_start import MODEL_CHANNEL, load_backbone_weights, warm_start
 
     pretrained_dir = env.channel(PRETRAINED_CHANNEL) if hp.pretrained else None
@@ -276,8 +285,9 @@ def _model(
         warm_start(bench.model, env.channel(MODEL_CHANNEL), hp.backbone, [c.name for c in categories])
     elif start == "backbone":
         load_backbone_weights(bench.model, hp.backbone, pretrained_dir)
+    set_norm_momentum(bench.model, hp.bn_momentum)
     val_gt = coco_eval.ground_truth(val_records, len(categories)) if val_records else None
-    return EfficientDetModule(bench, hp, val_gt, report)
+    return EfficientDetModule(bench, hp, val_gt, report, origin)
 
 
 @dataclass
@@ -293,9 +303,10 @@ class TrainingCallbacks:
 
 def _callbacks(
     env: TrainingEnvironment, hp: Hyperparameters, checkpoint_dir: Path, fit_meta: dict[str, Any],
-    has_validation: bool, scan: Any = None,
+    has_validation: bool, scan: Any = None, stats_loader: Any = None, train_images: int = 0,
 ) -> TrainingCallbacks:
-    """The epoch line, the choice of the best weights, checkpoints, TensorBoard, early stopping."""
+    """The epoch line, the batch-norm statistics, the choice of the best weights, checkpoints,
+    TensorBoard, early stopping."""
     import lightning as L
 
     from ..evaluation.callbacks import BestEvaluation, TrainingScalars, tensorboard_logger
@@ -309,10 +320,16 @@ def _callbacks(
     checkpoints = ResumableCheckpoints(
         checkpoint_dir, env.current_host, hp.checkpoint_every_minutes, fit_meta, scan
     )
-    # Order matters at epoch end: the epoch line, the choice of the best weights, the best
-    # epoch's detections (for the report), then the checkpoint that holds them all.
+    # Order matters at epoch end: the epoch line, the batch-norm statistics of an epoch without
+    # validation, the choice of the best weights, the best epoch's detections (for the report),
+    # then the checkpoint that holds them all.
     best_evaluation = BestEvaluation(best)
-    callbacks: list[Any] = [summary, best, best_evaluation, checkpoints]
+    statistics = []
+    if stats_loader is not None:
+        from .precise_bn import BatchNormStatistics
+
+        statistics = [BatchNormStatistics(stats_loader, min(hp.bn_stats_images, train_images))]
+    callbacks: list[Any] = [summary, *statistics, best, best_evaluation, checkpoints]
     # On every rank (Lightning writes on global rank 0 only; ranks must agree on the logger).
     logger = tensorboard_logger(env.paths.tensorboard_dir) if hp.tensorboard else False
     if logger:
@@ -337,7 +354,10 @@ def _trainer(
     if layout.is_distributed:
         from lightning.pytorch.strategies import DDPStrategy
 
-        strategy = DDPStrategy(process_group_backend=layout.backend, timeout=DDP_TIMEOUT)
+        # A frozen backbone has no gradients (requires_grad off); DDP, which fixes the parameters
+        # it reduces when it wraps the model, must then look for the unused ones every step.
+        strategy = DDPStrategy(process_group_backend=layout.backend, timeout=DDP_TIMEOUT,
+                               find_unused_parameters=hp.freeze_backbone_epochs > 0)
     return L.Trainer(
         accelerator=settings["accelerator"],
         devices=layout.processes_per_node,

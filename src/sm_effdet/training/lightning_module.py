@@ -33,11 +33,14 @@ NONFINITE_LIMIT = 10
 class EfficientDetModule(L.LightningModule):
     def __init__(
         self, bench: torch.nn.Module, hp: Hyperparameters, val_gt: dict[str, Any] | None,
-        report: DataReport,
+        report: DataReport, start: str = "coco",
     ) -> None:
         super().__init__()
         self.bench = bench
         self.hp = hp
+        # Where the run's weights came from ('coco', 'backbone', 'scratch' or 'warm'; a resumed
+        # job passes its first run's): backbone_lr_ratio 'auto' depends on it.
+        self.start = start
         self.val_gt = val_gt
         self.report = report
         self._skipped_names: set[str] = set()
@@ -90,9 +93,15 @@ class EfficientDetModule(L.LightningModule):
         self.batches_attempted = 0
         self.set_backbone_frozen(self.current_epoch < self.hp.freeze_backbone_epochs)
 
+    @property
+    def frozen(self) -> bool:
+        return bool(self._frozen)
+
     def set_backbone_frozen(self, frozen: bool) -> None:
-        """While frozen the backbone's learning rate is 0 (see configure_optimizers) and its
-        batch norms keep their statistics; logged when it changes."""
+        """While frozen the backbone computes no gradients (requires_grad off: its backward pass
+        is skipped, measured in benchmarks/recipe_timing.py) and its batch norms keep their
+        statistics; logged when it changes."""
+        self.bench.model.backbone.requires_grad_(not frozen)
         if frozen:
             self.bench.model.backbone.eval()
         if frozen != self._frozen and (frozen or self._frozen is not None):
@@ -218,8 +227,12 @@ class EfficientDetModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
+        # Made before the first epoch, so before any freezing: every parameter of the network.
         groups = parameter_groups(self.bench.model, hp.weight_decay)
         lr = hp.peak_learning_rate
+        backbone_factor = hp.backbone_lr_factor(self.start)
+        for group in groups:
+            group["lr"] = lr * backbone_factor if group["backbone"] else lr
         fused = {"fused": True} if self.device.type == "cuda" else {}
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum,
@@ -228,15 +241,43 @@ class EfficientDetModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=lr, **fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        schedule = lr_factor_fn(hp.lr_schedule, total, round(hp.warmup_epochs * per_epoch))
-        # Freezing as a learning rate of 0 for the backbone's groups rather than requires_grad:
-        # DDP fixes the set of parameters it synchronises when it wraps the model.
+        warmup = hp.warmup_steps(per_epoch, total)
+        schedule = lr_factor_fn(hp.lr_schedule, total, warmup)
         frozen_steps = round(hp.freeze_backbone_epochs * per_epoch)
-        frozen = lambda step: 0.0 if step < frozen_steps else schedule(step)
+        backbone = backbone_schedule(schedule, frozen_steps, warmup)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [frozen if g["backbone"] else schedule for g in groups]
+            optimizer, [backbone if g["backbone"] else schedule for g in groups]
+        )
+        log.info(
+            "learning rates: FPN and heads %g, backbone %g (backbone_lr_ratio %s%s); %s schedule "
+            "over %d steps after a warm-up of %d steps (warmup_epochs %s, %.1f steps an epoch)",
+            lr, lr * backbone_factor, hp.backbone_lr_ratio,
+            f": {backbone_factor:g} for a start from {START_NAMES[self.start]}"
+            if hp.backbone_lr_ratio == "auto" else "", hp.lr_schedule, total, warmup,
+            hp.warmup_epochs, per_epoch,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+START_NAMES = {"coco": "effdet's COCO detector", "backbone": "the ImageNet backbone",
+               "scratch": "scratch", "warm": "an earlier model (warm start)"}
+
+
+def backbone_schedule(schedule, frozen_steps: int, warmup_steps: int):
+    """The backbone's multiplier: 0 while frozen (it has no gradients then; the 0 also keeps
+    the optimiser from moving it should a gradient of zeros arrive), then the schedule, ramped up
+    again over the warm-up length: its optimiser state starts afresh when it thaws, and Adam's
+    first steps are as long as the rate."""
+    if frozen_steps <= 0:
+        return schedule
+
+    def factor(step: int) -> float:
+        if step < frozen_steps:
+            return 0.0
+        ramp = min(1.0, (step - frozen_steps + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return schedule(step) * ramp
+
+    return factor
 
 
 def parameter_groups(net: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

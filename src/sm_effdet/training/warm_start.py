@@ -291,10 +291,16 @@ def choose_starting_point(
     """'resume', 'warm', 'backbone', 'coco' or 'scratch': where the weights come from."""
     if resuming:  # a resumed job takes every weight from its checkpoint
         return "resume"
+    if model_channel is not None and pretrained is not False:
+        log.info("the '%s' channel is given: warm start instead of pretrained=%s",
+                 MODEL_CHANNEL, str(pretrained).lower())
+    return weights_origin(pretrained, model_channel)
+
+
+def weights_origin(pretrained: bool | str, model_channel: Path | None) -> str:
+    """'warm', 'backbone', 'coco' or 'scratch': where the run's first weights came from, for a
+    resumed job too (its checkpoint's run began there)."""
     if model_channel is not None:
-        if pretrained is not False:
-            log.info("the '%s' channel is given: warm start instead of pretrained=%s",
-                     MODEL_CHANNEL, str(pretrained).lower())
         return "warm"
     if pretrained == "backbone":
         return "backbone"
