@@ -45,11 +45,11 @@ DEFAULT_LEARNING_RATES = {"adamw": 0.001, "sgd": 0.1}
 # spikes.
 DEFAULT_CLIP_GRAD_NORMS = {"adamw": 10.0, "sgd": 0.0}
 # The backbone's learning rate relative to the rest when `backbone_lr_ratio` is 'auto', by where
-# the weights come from (training/warm_start.choose_starting_point). Measured on raccoon and BCCD
-# (README, "Recipe"); a start from scratch has nothing pretrained to protect.
+# the weights come from (training/warm_start.weights_origin). 1 for every start until
+# `make bench-quality` has measured the ratio on both data sets (docs/training.md, "Recipe").
 DEFAULT_BACKBONE_LR_RATIOS = {"coco": 1.0, "backbone": 1.0, "scratch": 1.0, "warm": 1.0}
 # Warm-up when `warmup_epochs` is 'auto': this many steps, but at least one epoch and at most a
-# third of the run (README, "Recipe": one epoch of a small data set is a handful of steps).
+# third of the run (docs/training.md, "Recipe": one epoch of a small data set is a handful of steps).
 AUTO_WARMUP_STEPS = 100
 PRETRAINED_CHOICES = "true (effdet's COCO detector), false (from scratch) or backbone (ImageNet backbone only)"
 

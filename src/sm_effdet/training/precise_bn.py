@@ -31,7 +31,7 @@ BACKBONE = "backbone."
 # The default momentum (hyperparameter bn_momentum) of the BiFPN and head norms' running averages.
 # effdet's 0.01 (TF's decay 0.99) suits runs of many thousand steps; on runs of hundreds of steps
 # it leaves the averages near their start. Measured on the same weights (the momentum does not
-# change training): raccoon, 10 epochs at 256 px, best valid mAP 0.287 against 0.221 (README,
+# change training): raccoon, 10 epochs at 256 px, best valid mAP 0.287 against 0.221 (docs/training.md,
 # Recipe). The backbone keeps timm's 0.1.
 NORM_MOMENTUM = 0.1
 
@@ -120,7 +120,8 @@ def stats_subset(records: list[Any], limit: int, seed: int, rank: int = 0, world
 
 def stats_loader(hp: Any, settings: dict[str, Any], rank: int, world_size: int, train_records: list[Any]) -> Any:
     """This rank's share of the training images the statistics come from, through the
-    validation preprocessing (measured against the training augmentation: README, Recipe)."""
+    validation preprocessing: the statistics are those of the pictures validation and serving
+    see, without the training augmentation's scale and colour changes."""
     from ..backbones import BACKBONES
     from ..data.dataset import DetectionDataset, make_loader
     from ..data.transforms import eval_transform
