@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,29 @@ if sys.flags.dont_write_bytecode and not os.environ.get("PYTHONPYCACHEPREFIX"):
     sys.pycache_prefix = str(_PYCACHE)
 
 from sm_effdet.demo import make_shapes_dataset  # noqa: E402
+
+# Under pytest-xdist each worker's ./train gets its share of the CPUs: torch's default of a
+# thread per core, in two workers' ./train at once, made the suite's CPU time 40% larger
+# (threads waiting on each other) and its longest test 3.5 times slower. serve sets its own
+# thread count (every CPU), and the tests that compare it with inference.py need both alike.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TRAIN_THREADS = (
+    {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))}
+    if _WORKERS > 1 else {}
+)
+
+# Files whose tests take longest (several ./train runs each) are handed to the workers first, so
+# that no worker starts one of them when the others are nearly done (`--dist loadfile` takes
+# files in collection order).
+SLOW_FILES = (
+    "test_recipe.py", "test_gpu_check.py", "test_train_job.py", "test_stops.py",
+    "test_export.py", "test_local_mode.py", "test_resilience.py", "test_hardening_train.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order kept
 
 # The network guard: this process and every Python process a test starts refuse connections
 # outside loopback (tests/netguard/sitecustomize.py; tests/test_network_guard.py checks it).
@@ -92,6 +116,7 @@ def train_env(base: Path, **extra: str) -> dict[str, str]:
         "HTTP_PROXY": "http://127.0.0.1:9",
         "TORCH_HOME": str(base / "torch-home"),
         "PYTHONUNBUFFERED": "1",
+        **TRAIN_THREADS,
         **extra,
     }
 
@@ -136,15 +161,35 @@ TRAINED_MODEL_IMAGES = 16
 
 
 @pytest.fixture(scope="session")
-def trained_model(tmp_path_factory) -> Path:
+def trained_model(tmp_path_factory, worker_id) -> Path:
     """A model folder written by the real ./train (tiny: FAST, 1 epoch, EMA of the weights),
     shared by the session: tests/test_serve.py, test_serve_hardening.py and test_exif.py serve
-    it, tests/test_recipe.py starts from it."""
-    base = write_tree(tmp_path_factory.mktemp("serve") / "opt_ml", TRAINED_MODEL_HP,
-                      n_images=TRAINED_MODEL_IMAGES)
+    it, tests/test_recipe.py starts from it. With several pytest-xdist workers the first to need
+    it trains it in the folder they share and the others wait for it (xdist's own recipe)."""
+    if worker_id == "master":  # one process: no one to share with
+        return _train_shared_model(tmp_path_factory.mktemp("serve"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "trained_model"
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "opt_ml" / "model" / "model.json").is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            _train_shared_model(shared)
+    return shared / "opt_ml"
+
+
+def _train_shared_model(folder: Path) -> Path:
+    base = write_tree(folder / "opt_ml", TRAINED_MODEL_HP, n_images=TRAINED_MODEL_IMAGES)
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return base
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml's addopts): a worker per CPU, at most 4: each test's ./train or
+    serve uses the CPUs too, and beyond 4 workers the suite's longest file sets its time."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 # --- An AWS emulator on loopback (moto's server: S3, SageMaker, CloudWatch Logs) -------------

@@ -74,13 +74,15 @@ def test_onnx_runtime_detections_match_pytorch(trained, tmp_path):
         want = _detections(torch_bench, meta, path)
         got = _detections(onnx_bench, meta, path)
         keep = int((want[:, 4] > MIN_SCORE).sum())
-        # Matched by rank; the last rows kept may trade places with the first rows dropped.
-        keep = max(keep - 2, 0)
         assert keep > 0, f"no detection above {MIN_SCORE} in {path.name}"
-        want, got = want[:keep], got[:keep]
-        assert torch.equal(got[:, 5], want[:, 5]), path.name
-        box_diff = max(box_diff, float((got[:, :4] - want[:, :4]).abs().max()))
-        score_diff = max(score_diff, float((got[:, 4] - want[:, 4]).abs().max()))
+        # Each of PyTorch's detections above MIN_SCORE against ONNX Runtime's of its class and
+        # nearest score, the closest box among those: two detections whose scores differ by
+        # less than the kernels' rounding may trade ranks (seen with other thread counts).
+        for row in want[:keep]:
+            same = got[(got[:, 5] == row[5]) & ((got[:, 4] - row[4]).abs() <= 1e-3)]
+            assert len(same), f"{path.name}: no ONNX detection of class {int(row[5])} near score {float(row[4]):.4f}"
+            box_diff = max(box_diff, float((same[:, :4] - row[:4]).abs().max(dim=1).values.min()))
+            score_diff = max(score_diff, float((same[:, 4] - row[4]).abs().min()))
         compared += keep
     print(f"{compared} detections on {len(images)} images: max box difference {box_diff:.2e} "
           f"px, max score difference {score_diff:.2e}")
