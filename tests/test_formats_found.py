@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 from PIL import Image
+from test_formats import read as read_channels
 
-from sm_effdet.data.formats import DataReport, common, read_dataset, scan
+from sm_effdet.data.formats import common, scan
 from sm_effdet.data.formats.image_records import DataReport as Report
 from sm_effdet.errors import UserInputError
-from sm_effdet.hyperparameters import parse_hyperparameters
 
 RACCOON = REPO.parent / "shared" / "data" / "raccoon"
 if not RACCOON.is_dir():  # a worktree sits one level deeper than the main checkout
@@ -32,9 +32,7 @@ if not RACCOON.is_dir():  # a worktree sits one level deeper than the main check
 
 
 def read(channel: Path, **values):
-    report = DataReport()
-    hp = parse_hyperparameters({k: str(v) for k, v in {"val_fraction": 0, **values}.items()})
-    return read_dataset({"training": channel}, hp, report), report
+    return read_channels({"training": channel}, **values)
 
 
 def boxes_by_file(data) -> dict[str, list[tuple[str, list[float]]]]:

@@ -19,16 +19,9 @@ import numpy as np
 import pytest
 from conftest import FAST, failure_text, run_train
 from PIL import Image, ImageDraw
+from test_formats import read
 
-from sm_effdet.data.formats import DataReport, read_dataset
 from sm_effdet.errors import UserInputError
-from sm_effdet.hyperparameters import parse_hyperparameters
-
-
-def read(channels: dict[str, Path], **values):
-    report = DataReport()
-    hp = parse_hyperparameters({k: str(v) for k, v in {"val_fraction": 0, **values}.items()})
-    return read_dataset(channels, hp, report), report
 
 
 def photo(path: Path, size: tuple[int, int], color=(70, 110, 150)) -> None:

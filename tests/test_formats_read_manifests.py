@@ -15,28 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from test_formats import read
+from test_formats_read import photo
 
-from sm_effdet.data.formats import DataReport, read_dataset
 from sm_effdet.errors import UserInputError
-from sm_effdet.hyperparameters import parse_hyperparameters
 
 BUCKET = "s3://pets-labels/site"
 ATTRIBUTE = "pets"
-
-
-def read(channels: dict[str, Path], **values):
-    report = DataReport()
-    hp = parse_hyperparameters({k: str(v) for k, v in {"val_fraction": 0, **values}.items()})
-    return read_dataset(channels, hp, report), report
-
-
-def photo(path: Path, size: tuple[int, int], color=(70, 110, 150)) -> None:
-    """A JPEG with something on it (flat 128-grey rows read as a JPEG cut short)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", size, color)
-    ImageDraw.Draw(img).ellipse((2, 2, size[0] // 2, size[1] // 2), fill=(200, 60, 40))
-    img.save(path, quality=90)
 
 
 def gt_line(ref: str, size: tuple[int, int], boxes: list, class_map: dict) -> dict:
