@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -86,16 +87,15 @@ def reestimate(net: torch.nn.Module, layers: list[_BatchNorm], batches: Iterable
             m.train(training)
         for bn, (momentum, _, _, _) in zip(layers, saved):
             bn.momentum = momentum
-    device = layers[0].running_mean.device
-    total = torch.tensor([float(seen)], device=device)
+    used = seen
     if _distributed():
         # One flat tensor of every layer's statistics, weighted by this rank's batches.
         flat = torch.cat([t for bn in layers for t in (bn.running_mean, bn.running_var)]).float()
-        flat = torch.cat([flat * seen, total])
+        flat = torch.cat([flat * seen, flat.new_tensor([seen])])
         torch.distributed.all_reduce(flat)
-        total = flat[-1:]
-        if total.item() > 0:
-            flat = flat[:-1] / total
+        used = int(flat[-1].item())  # one device sync, not one per layer
+        if used > 0:
+            flat = flat[:-1] / used
             offset = 0
             for bn in layers:
                 for buffer in (bn.running_mean, bn.running_var):
@@ -103,10 +103,10 @@ def reestimate(net: torch.nn.Module, layers: list[_BatchNorm], batches: Iterable
                     offset += buffer.numel()
     for bn, (_, mean, var, tracked) in zip(layers, saved):
         bn.num_batches_tracked.copy_(tracked)  # untouched for whoever reads it
-        if total.item() == 0:
+        if used == 0:
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
-    return int(total.item())
+    return used
 
 
 def stats_subset(records: list[Any], limit: int, seed: int, rank: int = 0, world_size: int = 1) -> list[Any]:
