@@ -149,41 +149,26 @@ def _fraction(value: float) -> None:
         raise _Invalid("greater than 0 and at most 1")
 
 
-def _auto_or_positive(value: Any, raw: Any) -> float | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = _as_float(value, raw)
-    except _Invalid:
-        raise _Invalid("'auto' or a number greater than 0") from None
-    if number <= 0:
-        raise _Invalid("'auto' or a number greater than 0")
-    return number
+def _auto_or_number(allowed: str, ok: Callable[[float], bool]):
+    """A parser of 'auto' or a number `ok` accepts; anything else is refused with `allowed`."""
+
+    def parse(value: Any, raw: Any) -> float | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = _as_float(value, raw)
+        except _Invalid:
+            raise _Invalid(allowed) from None
+        if not ok(number):
+            raise _Invalid(allowed)
+        return number
+
+    return parse
 
 
-def _auto_or_non_negative(value: Any, raw: Any) -> float | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = _as_float(value, raw)
-    except _Invalid:
-        raise _Invalid("'auto' or a number of 0 or more") from None
-    if number < 0:
-        raise _Invalid("'auto' or a number of 0 or more")
-    return number
-
-
-def _auto_or_ratio(value: Any, raw: Any) -> float | str:
-    allowed = "'auto' or a number greater than 0 and at most 10"
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = _as_float(value, raw)
-    except _Invalid:
-        raise _Invalid(allowed) from None
-    if not 0 < number <= 10:
-        raise _Invalid(allowed)
-    return number
+_auto_or_positive = _auto_or_number("'auto' or a number greater than 0", lambda n: n > 0)
+_auto_or_non_negative = _auto_or_number("'auto' or a number of 0 or more", lambda n: n >= 0)
+_auto_or_ratio = _auto_or_number("'auto' or a number greater than 0 and at most 10", lambda n: 0 < n <= 10)
 
 
 def _as_pretrained(value: Any, raw: Any) -> bool | str:
