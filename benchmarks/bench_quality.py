@@ -66,6 +66,7 @@ CHANGES = {
     "lr-b03": ("momentum + backbone 0.0003 (backbone_lr_ratio=0.3)", FRESH_STATS | {"backbone_lr_ratio": "0.3"}),
     "lr-h3": ("momentum + everything at 0.003 (learning_rate=0.003)", HIGHER),
     "lr-h10": ("momentum + everything at 0.01 (learning_rate=0.01)", FRESH_STATS | {"learning_rate": "0.01"}),
+    "lr-h30": ("momentum + everything at 0.03 (learning_rate=0.03)", FRESH_STATS | {"learning_rate": "0.03"}),
     # On top of the higher rate (the largest gain on BCCD, 2026-12-07).
     "h3-warmup": ("momentum, 0.003 + warm-up auto (warmup_epochs=auto)", HIGHER | {"warmup_epochs": "auto"}),
     "h3-bn": ("momentum, 0.003 + statistics over 64 images (bn_stats_images=64)", HIGHER | {"bn_stats_images": "64"}),

@@ -110,10 +110,15 @@ def test_every_backbone_short_and_dotted():
 
 def test_recipe_keys_and_the_learning_rate_of_each_optimizer():
     default = parse_hyperparameters({})
-    assert default.learning_rate == "auto" and default.peak_learning_rate == 0.001
+    assert default.learning_rate == "auto" and default.peak_learning_rate("coco") == 0.001
+    # Fresh BiFPN and heads on a pretrained backbone take a higher rate (docs/quality.md).
+    assert default.peak_learning_rate("backbone") == DEFAULT_LEARNING_RATES["adamw"]["backbone"] >= 0.003
+    assert default.peak_learning_rate("warm") == default.peak_learning_rate("scratch") == 0.001
     sgd = parse_hyperparameters({"optimizer": "sgd"})
-    assert sgd.peak_learning_rate == DEFAULT_LEARNING_RATES["sgd"] > default.peak_learning_rate
-    assert parse_hyperparameters({"optimizer": "sgd", "learning_rate": "0.02"}).peak_learning_rate == 0.02
+    assert {sgd.peak_learning_rate(s) for s in DEFAULT_LEARNING_RATES["sgd"]} == {0.1}
+    assert set(DEFAULT_LEARNING_RATES["sgd"]) == set(DEFAULT_LEARNING_RATES["adamw"])
+    by_hand = parse_hyperparameters({"optimizer": "sgd", "learning_rate": "0.02"})
+    assert {by_hand.peak_learning_rate(s) for s in DEFAULT_LEARNING_RATES["sgd"]} == {0.02}
     assert parse_hyperparameters({"pretrained": "Backbone"}).pretrained == "backbone"
     assert parse_hyperparameters({"pretrained": "False"}).pretrained is False
     custom = parse_hyperparameters(

@@ -32,6 +32,7 @@ from botocore.validate import validate_parameters
 from conftest import push_image
 
 from sm_effdet.errors import UserInputError
+from sm_effdet.hyperparameters import parse_hyperparameters
 from sm_effdet.launch import deploy, hosting, transform, tuning
 from sm_effdet.launch.upload import split_s3
 from sm_effdet.launch.validation import check_request, service_model
@@ -173,6 +174,17 @@ def test_sgd_gets_sgd_learning_rates():
     space = tuning.default_search_space({"optimizer": "sgd"})
     assert space["learning_rate"]["min"] > 0.001 and space["learning_rate"]["max"] >= 0.1
     tuning.parameter_ranges(space)
+
+
+def test_a_start_from_the_imagenet_backbone_gets_learning_rates_around_its_own():
+    rate = parse_hyperparameters({"pretrained": "backbone"}).peak_learning_rate("backbone")
+    space = tuning.default_search_space({"pretrained": '"backbone"'})
+    assert space["learning_rate"]["min"] < rate < space["learning_rate"]["max"]
+    assert space["learning_rate"]["min"] > tuning.DEFAULT_SEARCH_SPACE["learning_rate"]["min"]
+    tuning.parameter_ranges(space)
+    # SGD keeps its own range whatever the start.
+    assert tuning.default_search_space({"pretrained": "backbone", "optimizer": "sgd"})["learning_rate"] == (
+        tuning.SGD_LEARNING_RATE)
 
 
 @pytest.mark.parametrize(

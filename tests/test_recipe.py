@@ -14,6 +14,8 @@ import torch
 from conftest import FAST, REPO, TRAINED_MODEL_IMAGES, failure_text, run_train, write_tree
 from safetensors.torch import load_file, save_file
 
+from sm_effdet.hyperparameters import DEFAULT_LEARNING_RATES
+
 sys.path.insert(0, str(REPO / "scripts"))
 from convert_efficientnet_lite0 import converted_state
 
@@ -154,7 +156,9 @@ def test_backbone_weights_from_a_channel_and_a_frozen_backbone(backbone_file, tm
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "(240 of 240 backbone tensors as timm's tf_efficientnet_lite0" in result.stdout
     assert "backbone frozen: epochs 1 to 1 train the FPN and heads only" in result.stdout
-    assert "learning rates: FPN and heads 0.001, backbone 0.0005 (backbone_lr_ratio 0.5)" in result.stdout
+    rate = DEFAULT_LEARNING_RATES["adamw"]["backbone"]
+    assert (f"learning rates: FPN and heads {rate:g} (learning_rate auto: {rate:g} for adamw for a start from "
+            f"the ImageNet backbone), backbone {rate / 2:g} (backbone_lr_ratio 0.5)") in result.stdout
 
     imagenet = load_file(str(backbone_file))
     model = trained_weights(base)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError, shorten
-from ..hyperparameters import SPECS, parse_hyperparameters
+from ..hyperparameters import DEFAULT_LEARNING_RATES, SPECS, parse_hyperparameters
 
 # The static hyperparameters SageMaker reads Hyperband's MaxResource from when it is not given
 # (HyperbandStrategyConfig.MaxResource in the model's docs).
@@ -49,9 +49,17 @@ SCALING_TYPES = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")
 
 
 def default_search_space(static_hyperparameters: Mapping[str, str]) -> dict[str, Any]:
+    def static(key: str) -> str:
+        return str(static_hyperparameters.get(key, "")).strip('"').lower()
+
     space = dict(DEFAULT_SEARCH_SPACE)
-    if str(static_hyperparameters.get("optimizer", "")).strip('"').lower() == "sgd":
+    if static("optimizer") == "sgd":
         space["learning_rate"] = SGD_LEARNING_RATE
+    elif static("pretrained") == "backbone":
+        # Fresh BiFPN and heads take AdamW's higher 'auto' rate: the range is centred there, a
+        # decade below and three times above.
+        rate = DEFAULT_LEARNING_RATES["adamw"]["backbone"]
+        space["learning_rate"] = {"min": rate / 10, "max": rate * 3, "scaling": "Logarithmic"}
     return space
 
 

@@ -416,7 +416,7 @@ def _write_artifacts(
         raise UserInputError(
             f"the weights of epoch {best.best_epoch} hold non-finite values (NaN or infinity, "
             f"in {len(bad)} tensors such as {bad[0]}): training diverged, so no model was "
-            f"written; lower learning_rate (now {hp.peak_learning_rate:g}) and use a new checkpoint "
+            f"written; lower learning_rate (now {hp.peak_learning_rate(trainer.lightning_module.start):g}) and use a new checkpoint "
             "location."
         )
     metadata = model_card.model_metadata(

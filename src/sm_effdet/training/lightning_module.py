@@ -182,7 +182,7 @@ class EfficientDetModule(L.LightningModule):
             raise UserInputError(
                 f"training diverged: the loss was not finite (NaN or infinity) for "
                 f"{NONFINITE_LIMIT} steps in a row, up to epoch {epoch} step {step}; lower "
-                f"learning_rate (now {self.hp.peak_learning_rate:g}) and use a new checkpoint location."
+                f"learning_rate (now {self.hp.peak_learning_rate(self.start):g}) and use a new checkpoint location."
             )
         return False
 
@@ -229,7 +229,7 @@ class EfficientDetModule(L.LightningModule):
         hp = self.hp
         # Made before the first epoch, so before any freezing: every parameter of the network.
         groups = parameter_groups(self.bench.model, hp.weight_decay)
-        lr = hp.peak_learning_rate
+        lr = hp.peak_learning_rate(self.start)
         backbone_factor = hp.backbone_lr_factor(self.start)
         for group in groups:
             group["lr"] = lr * backbone_factor if group["backbone"] else lr
@@ -248,13 +248,15 @@ class EfficientDetModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, [backbone if g["backbone"] else schedule for g in groups]
         )
+        start = f" for a start from {START_NAMES[self.start]}"
         log.info(
-            "learning rates: FPN and heads %g, backbone %g (backbone_lr_ratio %s%s); %s schedule "
-            "over %d steps after a warm-up of %d steps (warmup_epochs %s, %.1f steps an epoch)",
-            lr, lr * backbone_factor, hp.backbone_lr_ratio,
-            f": {backbone_factor:g} for a start from {START_NAMES[self.start]}"
-            if hp.backbone_lr_ratio == "auto" else "", hp.lr_schedule, total, warmup,
-            hp.warmup_epochs, per_epoch,
+            "learning rates: FPN and heads %g (learning_rate %s), backbone %g (backbone_lr_ratio "
+            "%s); %s schedule over %d steps after a warm-up of %d steps (warmup_epochs %s, %.1f "
+            "steps an epoch)",
+            lr, f"auto: {lr:g} for {hp.optimizer}{start}" if hp.learning_rate == "auto" else hp.learning_rate,
+            lr * backbone_factor,
+            f"auto: {backbone_factor:g}{start}" if hp.backbone_lr_ratio == "auto" else hp.backbone_lr_ratio,
+            hp.lr_schedule, total, warmup, hp.warmup_epochs, per_epoch,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
