@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,14 @@ if not hasattr(sitecustomize, "OutsideConnectionError"):  # another sitecustomiz
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 # Small and fast on a CPU, still a real EfficientDet through effdet and Lightning.
+
+def sigint_as_a_terminal_sends_it() -> None:
+    """preexec_fn for a child a test sends SIGINT to: the default disposition, unblocked, as in a
+    shell. A pytest-xdist worker may carry SIGINT ignored or blocked from libraries an earlier test
+    ran in it, and a child inherits both across exec (Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
 FAST = {
     "backbone": "tf_lite0",
     "img_size": "256",

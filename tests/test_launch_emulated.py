@@ -21,7 +21,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import push_image
+from conftest import push_image, sigint_as_a_terminal_sends_it
 
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.launch.images import default_image
@@ -295,7 +295,8 @@ def test_emulated_a_failed_job_exits_1_with_its_failure_reason(clients, shapes):
 def test_emulated_ctrl_c_stops_following_not_the_job(clients, shapes):
     running_job(clients, shapes, "job-sigint")
     process = subprocess.Popen([sys.executable, str(SM_EFFDET), "logs", "job-sigint", "--poll", "0.2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=sigint_as_a_terminal_sends_it)
     reader = Reader(process)
     wait_for(lambda: any("Starting" in line for line in reader.lines))
     process.send_signal(signal.SIGINT)

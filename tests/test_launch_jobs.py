@@ -25,7 +25,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.stub import Stubber
-from conftest import push_image
+from conftest import push_image, sigint_as_a_terminal_sends_it
 
 from sm_effdet.demo import make_shapes_dataset
 from sm_effdet.launch.cli import build_parser, route
@@ -92,7 +92,8 @@ def test_emulated_ctrl_c_during_upload_says_what_is_up_and_a_rerun_resumes(clien
     prefix = "sm-effdet/datasets/many-"
     command = [sys.executable, str(SM_EFFDET), "train", "--data", str(data), "--role", ROLE,
                "--bucket", BUCKET, "--image", IMAGE, "--name", "job-upload", "--no-wait"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=sigint_as_a_terminal_sends_it)
     deadline = time.monotonic() + 120
     while len(keys(clients["s3"], prefix)) < 20:
         assert process.poll() is None, process.communicate()
