@@ -156,14 +156,16 @@ def _fraction(value: float) -> None:
         raise _Invalid("greater than 0 and at most 1")
 
 
-def _auto_or_number(allowed: str, ok: Callable[[float], bool]):
-    """A parser of 'auto' or a number `ok` accepts; anything else is refused with `allowed`."""
+def _auto_or_number(allowed: str, ok: Callable[[float], bool], convert=None):
+    """A parser of 'auto' or a number (`convert`, default _as_float) `ok` accepts; anything else
+    is refused with `allowed`."""
+    convert = convert or _as_float
 
     def parse(value: Any, raw: Any) -> float | str:
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
         try:
-            number = _as_float(value, raw)
+            number = convert(value, raw)
         except _Invalid:
             raise _Invalid(allowed) from None
         if not ok(number):
@@ -201,20 +203,7 @@ def _choice(*choices: str, aliases: Mapping[str, str] | None = None):
 
 def _auto_or_count(minimum: int) -> Callable[[Any, Any], int | str]:
     """'auto', or a whole number of at least `minimum`."""
-    allowed = f"'auto' or a whole number of {minimum} or more"
-
-    def coerce(value: Any, raw: Any) -> int | str:
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            number = _as_int(value, raw)
-        except _Invalid:
-            raise _Invalid(allowed) from None
-        if number < minimum:
-            raise _Invalid(allowed)
-        return number
-
-    return coerce
+    return _auto_or_number(f"'auto' or a whole number of {minimum} or more", lambda n: n >= minimum, _as_int)
 
 
 def _spec(
