@@ -413,10 +413,11 @@ def _write_artifacts(
         return [], None
     bad = artifacts.non_finite_tensors(best.best_state)
     if bad:
+        rate = hp.peak_learning_rate(trainer.lightning_module.start)
         raise UserInputError(
             f"the weights of epoch {best.best_epoch} hold non-finite values (NaN or infinity, "
             f"in {len(bad)} tensors such as {bad[0]}): training diverged, so no model was "
-            f"written; lower learning_rate (now {hp.peak_learning_rate(trainer.lightning_module.start):g}) and use a new checkpoint "
+            f"written; lower learning_rate (now {rate:g}) and use a new checkpoint "
             "location."
         )
     metadata = model_card.model_metadata(
