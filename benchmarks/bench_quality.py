@@ -59,17 +59,22 @@ TODAY = {"bn_momentum": "0.01", "bn_stats_images": "0", "backbone_lr_ratio": "1"
 FRESH_STATS = {"bn_momentum": "0.1"}
 RATES_BY_PART = FRESH_STATS | {"learning_rate": "0.003", "backbone_lr_ratio": "0.1"}
 HIGHER = FRESH_STATS | {"learning_rate": "0.003"}
+NEW = FRESH_STATS | {"learning_rate": "0.01"}
 CHANGES = {
     "momentum": ("batch-norm momentum 0.1 (bn_momentum)", FRESH_STATS),
     "lr": ("momentum + heads 0.003, backbone 0.0003 (learning_rate=0.003, backbone_lr_ratio=0.1)",
            RATES_BY_PART),
     "lr-b03": ("momentum + backbone 0.0003 (backbone_lr_ratio=0.3)", FRESH_STATS | {"backbone_lr_ratio": "0.3"}),
     "lr-h3": ("momentum + everything at 0.003 (learning_rate=0.003)", HIGHER),
-    "lr-h10": ("momentum + everything at 0.01 (learning_rate=0.01)", FRESH_STATS | {"learning_rate": "0.01"}),
+    "lr-h10": ("momentum + everything at 0.01 (learning_rate=0.01)", NEW),
     "lr-h30": ("momentum + everything at 0.03 (learning_rate=0.03)", FRESH_STATS | {"learning_rate": "0.03"}),
     # On top of the higher rate (the largest gain on BCCD, 2026-12-07).
     "h3-warmup": ("momentum, 0.003 + warm-up auto (warmup_epochs=auto)", HIGHER | {"warmup_epochs": "auto"}),
     "h3-bn": ("momentum, 0.003 + statistics over 64 images (bn_stats_images=64)", HIGHER | {"bn_stats_images": "64"}),
+    # On top of the defaults of 2026-12-07 (momentum 0.1, learning_rate 0.01), one change each.
+    "h10-ema": ("momentum, 0.01 + EMA (ema_decay=0.9998, with warm-up)", NEW | {"ema_decay": "0.9998"}),
+    "h10-b4": ("momentum, 0.01 + batch 4 (batch_size=4)", NEW | {"batch_size": "4"}),
+    "h10-b16": ("momentum, 0.01 + batch 16 (batch_size=16)", NEW | {"batch_size": "16"}),
 }
 OLDER = {
     "ema": ("EMA on (ema_decay=0.9998)", {"ema_decay": "0.9998"}, None),
