@@ -53,7 +53,7 @@ DATA = {"raccoon": SHARED / "data" / "raccoon", "bccd": SHARED / "data" / "bccd"
 
 # The recipe before issue 25, as hyperparameters (the other keys are the job's defaults).
 TODAY = {"bn_momentum": "0.01", "bn_stats_images": "0", "backbone_lr_ratio": "1", "learning_rate": "0.001",
-         "warmup_epochs": "1"}
+         "warmup_epochs": "1", "recipe": "short"}
 # Each change: its label and the hyperparameters it sets on top of TODAY. Every value is written
 # out, so a row means the same whatever the job's defaults are when it runs.
 FRESH_STATS = {"bn_momentum": "0.1"}
@@ -75,6 +75,9 @@ CHANGES = {
     "h10-ema": ("momentum, 0.01 + EMA (ema_decay=0.9998, with warm-up)", NEW | {"ema_decay": "0.9998"}),
     "h10-b4": ("momentum, 0.01 + batch 4 (batch_size=4)", NEW | {"batch_size": "4"}),
     "h10-b16": ("momentum, 0.01 + batch 16 (batch_size=16)", NEW | {"batch_size": "16"}),
+    "h10-long": ("momentum, 0.01 + the long-run recipe (recipe=long)", NEW | {"recipe": "long"}),
+    "h10-scale": ("momentum, 0.01 + the long recipe's scale, no EMA (recipe=long, ema_decay=0)",
+                  NEW | {"recipe": "long", "ema_decay": "0"}),
 }
 OLDER = {
     "ema": ("EMA on (ema_decay=0.9998)", {"ema_decay": "0.9998"}, None),

@@ -58,6 +58,15 @@ DEFAULT_BACKBONE_LR_RATIOS = {"coco": 1.0, "backbone": 1.0, "scratch": 1.0, "war
 # Warm-up when `warmup_epochs` is 'auto': this many steps, but at least one epoch and at most a
 # third of the run (docs/training.md, "Recipe": one epoch of a small data set is a handful of steps).
 AUTO_WARMUP_STEPS = 100
+# The augmentation and weight averaging of `recipe`: short runs (the job's recipe since the seed)
+# and long ones (many epochs on a small data set: Ultralytics' scale range, applied to every
+# image, and effdet's moving average of the weights with timm's warm-up). `recipe` auto picks
+# long from LONG_RUN_EPOCHS epochs on (docs/quality.md, "Long runs").
+RECIPES = {
+    "short": {"scale": (0.75, 1.25), "scale_p": 0.5, "ema_decay": 0.0},
+    "long": {"scale": (0.5, 1.5), "scale_p": 1.0, "ema_decay": 0.9998},
+}
+LONG_RUN_EPOCHS = 50
 PRETRAINED_CHOICES = "true (effdet's COCO detector), false (from scratch) or backbone (ImageNet backbone only)"
 
 
@@ -288,10 +297,16 @@ class Hyperparameters:
         "before each validation and before the model is written; 0: the running averages",
         _between(0),
     )
-    ema_decay: float = _spec(
-        0.0, _as_float, "decay of the exponential moving average of the weights used for "
-        "validation and the model (with warm-up), e.g. effdet's 0.9998; 0 is off",
-        _between(0, 1, high_open=True),
+    recipe: str = _spec(
+        "auto", _as_str, "augmentation and weight averaging by run length: short (scale "
+        "0.75-1.25 on half the images, no EMA), long (scale 0.5-1.5 on every image, EMA 0.9998); "
+        f"auto: long from {LONG_RUN_EPOCHS} epochs on (see the log's first lines)",
+        _choice("auto", "short", "long"),
+    )
+    ema_decay: float | str = _spec(
+        "auto", _auto_or_number("'auto' or a number of 0 or more and below 1", lambda n: 0 <= n < 1),
+        "decay of the exponential moving average of the weights used for validation and the "
+        "model (with warm-up), e.g. effdet's 0.9998; 0 is off; auto: the recipe's",
     )
     clip_grad_norm: float | str = _spec(
         "auto", _auto_or_non_negative, "clip the gradient norm to this value; 0 is off; auto: "
@@ -368,6 +383,29 @@ class Hyperparameters:
         if self.warmup_epochs == "auto":
             return round(max(steps_per_epoch, min(AUTO_WARMUP_STEPS, total_steps / 3)))
         return round(float(self.warmup_epochs) * steps_per_epoch)
+
+    def chosen_recipe(self) -> str:
+        """'short' or 'long': `recipe`, with auto decided by the number of epochs."""
+        if self.recipe == "auto":
+            return "long" if self.epochs >= LONG_RUN_EPOCHS else "short"
+        return self.recipe
+
+    def moving_average_decay(self) -> float:
+        """The EMA decay; 0 is no moving average."""
+        if self.ema_decay == "auto":
+            return RECIPES[self.chosen_recipe()]["ema_decay"]
+        return float(self.ema_decay)
+
+    def describe_recipe(self) -> str:
+        """The log's line on the recipe, each automatic choice with its reason."""
+        chosen = self.chosen_recipe()
+        scale, decay = RECIPES[chosen]["scale"], self.moving_average_decay()
+        reason = f" (auto: {self.epochs} epochs, long from {LONG_RUN_EPOCHS})" if self.recipe == "auto" else ""
+        augmentation = (f"scale {scale[0]:g}-{scale[1]:g} on {RECIPES[chosen]['scale_p']:.0%} of the images"
+                        if self.augment else "augmentation off (augment=false)")
+        ema = f"EMA {decay:g} with warm-up" if decay else "no EMA"
+        return (f"recipe: {chosen}{reason}: {augmentation}, {ema}"
+                f"{' (ema_decay auto)' if self.ema_decay == 'auto' else ''}")
 
     @property
     def gradient_clip(self) -> float | None:

@@ -26,14 +26,16 @@ def _bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
     )
 
 
-def train_transform(img_size: int, augment: bool, fill: tuple[int, int, int] = (0, 0, 0)) -> A.Compose:
+def train_transform(img_size: int, augment: bool, fill: tuple[int, int, int] = (0, 0, 0),
+                    scale: tuple[float, float] = (0.75, 1.25), scale_p: float = 0.5) -> A.Compose:
+    """`scale` and `scale_p`: the zoom range and the share of images zoomed (the recipe's)."""
     fill = tuple(int(v) for v in fill)
     augmentations = []
     if augment:
         augmentations = [
             A.HorizontalFlip(p=0.5),
-            A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1),
-                     mode=cv2.BORDER_CONSTANT, cval=fill, p=0.5),
+            A.Affine(scale=scale, translate_percent=(-0.1, 0.1),
+                     mode=cv2.BORDER_CONSTANT, cval=fill, p=scale_p),
             A.RandomBrightnessContrast(p=0.3),
             A.HueSaturationValue(p=0.3),
         ]

@@ -23,7 +23,7 @@ from ..environment import (
     TrainingEnvironment,
 )
 from ..errors import JobStopped, UserInputError, failure_reason, write_failure
-from ..hyperparameters import Hyperparameters
+from ..hyperparameters import RECIPES, Hyperparameters
 from ..model import artifacts, model_card
 from ..model.artifacts import remove_partial_model
 from ..model.preprocessing import backbone_normalization
@@ -153,6 +153,7 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
         settings["accelerator"], settings["workers"],
         run.best.monitor or "last epoch (no validation set)", checkpoint_dir,
     )
+    log.info(hp.describe_recipe())
     with tempfile.TemporaryDirectory(prefix="sm-effdet-") as scratch:
         # A warm start validates its starting weights first (epoch 0; a later epoch must beat
         # them to become the model): a previous model is already good, and the first epochs at
@@ -253,8 +254,10 @@ def _loaders(
 
     workers, pin = settings["workers"], settings["pin"]
     fill = backbone_normalization(BACKBONES[hp.backbone])["fill"]
+    recipe = RECIPES[hp.chosen_recipe()]
+    transform = train_transform(hp.img_size, hp.augment, fill, recipe["scale"], recipe["scale_p"])
     train_loader = make_loader(
-        DetectionDataset(train_records, train_transform(hp.img_size, hp.augment, fill), hp.img_size),
+        DetectionDataset(train_records, transform, hp.img_size),
         hp.batch_size, workers, shuffle=True, pin_memory=pin,
     )
     val_loader = None

@@ -63,10 +63,10 @@ class EfficientDetModule(L.LightningModule):
         # The moving average of the weights: a frozen copy updated after every optimiser step,
         # registered as a submodule so that it moves with the module and lives in checkpoints.
         self.ema = None
-        if hp.ema_decay > 0:
+        if hp.moving_average_decay() > 0:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(bench.model, decay=hp.ema_decay, use_warmup=True)
+            self.ema = ModelEmaV3(bench.model, decay=hp.moving_average_decay(), use_warmup=True)
             self.ema.requires_grad_(False)  # never a DDP parameter
         self._ema_bench: list[torch.nn.Module] = []  # not a submodule: it shares self.ema's
         self._frozen: bool | None = None
