@@ -88,6 +88,22 @@ def test_skipped_images_travel_with_the_batch(tmp_path):
     assert only_bad["images"] is None and len(only_bad["skipped"]) == 1
 
 
+def test_the_recipe_scale_range_and_share_reach_the_zoom():
+    """A box in the middle of a square image: zoomed by exactly the range's one value on every
+    image when the share is 1, never when it is 0 (flips and colour leave the width alone)."""
+    image = np.full((256, 256, 3), 128, np.uint8)
+    box = [96.0, 96.0, 160.0, 160.0]
+
+    def widths(scale, share):
+        transform = train_transform(256, True, scale=scale, scale_p=share)
+        out = [transform(image=image, bboxes=[box], labels=[1])["bboxes"] for _ in range(12)]
+        return {round(b[0][2] - b[0][0]) for b in out}
+
+    assert widths((0.5, 0.5), 1.0) == {32}
+    assert widths((1.5, 1.5), 1.0) == {96}
+    assert widths((0.5, 0.5), 0.0) == {64}
+
+
 def test_image_without_boxes_gets_an_ignored_placeholder(tmp_path):
     Image.new("RGB", (64, 48)).save(tmp_path / "empty.jpg")
     batch = collate([DetectionDataset([record(tmp_path / "empty.jpg", 64, 48, boxes=())], eval_transform(256))[0]])

@@ -8,6 +8,8 @@ from sm_effdet.hyperparameters import (
     AUTO_WARMUP_STEPS,
     DEFAULT_BACKBONE_LR_RATIOS,
     DEFAULT_LEARNING_RATES,
+    LONG_RUN_EPOCHS,
+    RECIPES,
     SPECS,
     example_hyperparameters,
     parse_hyperparameters,
@@ -124,10 +126,32 @@ def test_recipe_keys_and_the_learning_rate_of_each_optimizer():
     custom = parse_hyperparameters(
         {"ema_decay": "0", "freeze_backbone_epochs": "3", "clip_grad_norm": "0"}
     )
-    assert (custom.ema_decay, custom.freeze_backbone_epochs, custom.gradient_clip) == (0, 3, None)
+    assert (custom.moving_average_decay(), custom.freeze_backbone_epochs, custom.gradient_clip) == (0, 3, None)
     assert (default.gradient_clip, sgd.gradient_clip) == (10.0, None)
-    with pytest.raises(UserInputError, match="'ema_decay' has invalid value '1': it must be below 1"):
+    with pytest.raises(UserInputError, match="'ema_decay' has invalid value '1': it must be 'auto' or a "
+                       "number of 0 or more and below 1"):
         parse_hyperparameters({"ema_decay": "1"})
+
+
+def test_recipe_auto_is_long_from_its_number_of_epochs_and_ema_auto_follows_the_recipe():
+    short = parse_hyperparameters({"epochs": str(LONG_RUN_EPOCHS - 1)})
+    long = parse_hyperparameters({"epochs": str(LONG_RUN_EPOCHS)})
+    assert (short.chosen_recipe(), short.moving_average_decay()) == ("short", RECIPES["short"]["ema_decay"])
+    assert (long.chosen_recipe(), long.moving_average_decay()) == ("long", RECIPES["long"]["ema_decay"])
+    assert RECIPES["short"]["ema_decay"] == 0 < RECIPES["long"]["ema_decay"]
+    assert long.describe_recipe() == (
+        f"recipe: long (auto: {LONG_RUN_EPOCHS} epochs, long from {LONG_RUN_EPOCHS}): scale 0.5-1.5 on 100% of "
+        f"the images, EMA {RECIPES['long']['ema_decay']:g} with warm-up (ema_decay auto)")
+    # Each choice by hand wins over auto, the recipe over the epochs and ema_decay over the recipe.
+    assert parse_hyperparameters({"epochs": "300", "recipe": "Short"}).chosen_recipe() == "short"
+    assert parse_hyperparameters({"epochs": "1", "recipe": "long"}).chosen_recipe() == "long"
+    by_hand = parse_hyperparameters({"recipe": "long", "ema_decay": "0", "augment": "false"})
+    assert by_hand.moving_average_decay() == 0
+    assert by_hand.describe_recipe() == "recipe: long: augmentation off (augment=false), no EMA"
+    assert parse_hyperparameters({"ema_decay": "0.999"}).moving_average_decay() == 0.999
+    with pytest.raises(UserInputError, match="'recipe' has invalid value 'longer': it must be one of auto, "
+                       "short, long"):
+        parse_hyperparameters({"recipe": "longer"})
 
 
 def test_backbone_learning_rate_ratio_by_starting_point():

@@ -14,7 +14,7 @@ import torch
 from conftest import FAST, REPO, TRAINED_MODEL_IMAGES, failure_text, run_train, write_tree
 from safetensors.torch import load_file, save_file
 
-from sm_effdet.hyperparameters import DEFAULT_LEARNING_RATES
+from sm_effdet.hyperparameters import DEFAULT_LEARNING_RATES, LONG_RUN_EPOCHS, RECIPES
 
 sys.path.insert(0, str(REPO / "scripts"))
 from convert_efficientnet_lite0 import converted_state
@@ -52,6 +52,20 @@ def test_ema_weights_differ_from_raw_and_are_the_model(first_model):
     assert all(torch.equal(model[k], ema[k]) for k in model)
     differ = [k for k in model if model[k].is_floating_point() and not torch.equal(model[k], raw[k])]
     assert len(differ) > len(model) // 2
+
+
+def test_the_long_recipe_averages_the_weights_when_ema_decay_is_auto(tmp_path):
+    """recipe=long by hand on a one-epoch job: the log says the recipe, and the checkpoint holds
+    the moving average (ema_decay auto follows the recipe)."""
+    base = write_tree(tmp_path / "opt_ml", {**FAST, "recipe": "long", "val_fraction": "0.25"}, n_images=16)
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    decay = RECIPES["long"]["ema_decay"]
+    assert (f"recipe: long: scale 0.5-1.5 on 100% of the images, EMA {decay:g} with warm-up (ema_decay auto)"
+            in result.stdout)
+    checkpoint = next((base / "checkpoints").glob("*.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("ema.module.") for k in state)
 
 
 def _model_channel(base, source):
@@ -159,6 +173,8 @@ def test_backbone_weights_from_a_channel_and_a_frozen_backbone(backbone_file, tm
     rate = DEFAULT_LEARNING_RATES["adamw"]["backbone"]
     assert (f"learning rates: FPN and heads {rate:g} (learning_rate auto: {rate:g} for adamw for a start from "
             f"the ImageNet backbone), backbone {rate / 2:g} (backbone_lr_ratio 0.5)") in result.stdout
+    assert (f"recipe: short (auto: 1 epoch, long from {LONG_RUN_EPOCHS}): scale 0.75-1.25 on 50% of the images, "
+            "no EMA (ema_decay auto)") in result.stdout
 
     imagenet = load_file(str(backbone_file))
     model = trained_weights(base)

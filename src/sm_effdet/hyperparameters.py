@@ -400,7 +400,7 @@ class Hyperparameters:
         """The log's line on the recipe, each automatic choice with its reason."""
         chosen = self.chosen_recipe()
         scale, decay = RECIPES[chosen]["scale"], self.moving_average_decay()
-        reason = f" (auto: {self.epochs} epochs, long from {LONG_RUN_EPOCHS})" if self.recipe == "auto" else ""
+        reason = f" (auto: {self.epochs} epoch{'s' * (self.epochs != 1)}, long from {LONG_RUN_EPOCHS})" if self.recipe == "auto" else ""
         augmentation = (f"scale {scale[0]:g}-{scale[1]:g} on {RECIPES[chosen]['scale_p']:.0%} of the images"
                         if self.augment else "augmentation off (augment=false)")
         ema = f"EMA {decay:g} with warm-up" if decay else "no EMA"
