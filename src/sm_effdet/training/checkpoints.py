@@ -46,6 +46,10 @@ RESUME_MAY_CHANGE = frozenset(
      "precision", "num_classes", "tensorboard", "export_onnx"}
 )
 
+# Hyperparameters added after checkpoints began to record them, with the value that reproduces a
+# job from before: a checkpoint without the key resumes when the job has that value.
+PREDATES = {"bn_momentum": 0.01, "bn_stats_images": 0, "recipe": "short"}
+
 
 def checkpoint_name(host: str, epoch: int, step: int) -> str:
     safe_host = re.sub(r"[^A-Za-z0-9_.-]", "_", host)
@@ -150,7 +154,7 @@ def check_hyperparameters(path: Path, old: dict[str, Any] | None, new: dict[str,
         return
     differ = []
     for key in sorted(set(old) | set(new)):
-        before, now = old.get(key), new.get(key)
+        before, now = old.get(key, PREDATES.get(key)), new.get(key)
         if key in RESUME_MAY_CHANGE or before == now:
             continue
         if key == "epochs" and isinstance(before, int) and isinstance(now, int) and now > before:

@@ -214,7 +214,8 @@ def _fit_meta(
         "split": report.split.get("how"),
         "train_ids": [r.image_id for r in train_records],
         "val_ids": [r.image_id for r in val_records],
-        "hyperparameters": hp.to_dict(),
+        # What auto chose, so that a resumed job compares what the checkpoint trained with.
+        "hyperparameters": hp.to_dict() | {"recipe": hp.chosen_recipe(), "ema_decay": hp.moving_average_decay()},
     }
 
 
