@@ -73,6 +73,7 @@ CHANGES = {
     "h3-bn": ("momentum, 0.003 + statistics over 64 images (bn_stats_images=64)", HIGHER | {"bn_stats_images": "64"}),
     # On top of the defaults of 2026-12-07 (momentum 0.1, learning_rate 0.01), one change each.
     "h10-ema": ("momentum, 0.01 + EMA (ema_decay=0.9998, with warm-up)", NEW | {"ema_decay": "0.9998"}),
+    "h10-b2": ("momentum, 0.01 + batch 2 (batch_size=2)", NEW | {"batch_size": "2"}),
     "h10-b4": ("momentum, 0.01 + batch 4 (batch_size=4)", NEW | {"batch_size": "4"}),
     "h10-b16": ("momentum, 0.01 + batch 16 (batch_size=16)", NEW | {"batch_size": "16"}),
     "h10-long": ("momentum, 0.01 + the long-run recipe (recipe=long)", NEW | {"recipe": "long"}),
