@@ -53,7 +53,7 @@ DATA = {"raccoon": SHARED / "data" / "raccoon", "bccd": SHARED / "data" / "bccd"
 
 # The recipe before issue 25, as hyperparameters (the other keys are the job's defaults).
 TODAY = {"bn_momentum": "0.01", "bn_stats_images": "0", "backbone_lr_ratio": "1", "learning_rate": "0.001",
-         "warmup_epochs": "1", "recipe": "short"}
+         "warmup_epochs": "1", "recipe": "short", "batch_size": "8"}
 # Each change: its label and the hyperparameters it sets on top of TODAY. Every value is written
 # out, so a row means the same whatever the job's defaults are when it runs.
 FRESH_STATS = {"bn_momentum": "0.1"}

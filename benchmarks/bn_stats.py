@@ -14,6 +14,7 @@ The weights are the same in every column, so the differences are the statistics 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -48,6 +49,7 @@ def main() -> None:
     torch.set_num_threads(2)
     hp = parse_hyperparameters(json.loads((args.base / "input/config/hyperparameters.json").read_text()))
     dataset = read_dataset({"training": args.base / "input/data/training"}, hp, DataReport())
+    hp = dataclasses.replace(hp, batch_size=hp.chosen_batch_size(len(dataset.train), 1)[0])  # as the job chose
     norm = backbone_normalization(BACKBONES[hp.backbone])
     bench = build_model(hp.backbone, len(dataset.categories), hp.img_size, False, None)
     gt = coco_eval.ground_truth(dataset.val, len(dataset.categories))

@@ -49,22 +49,20 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
 
 def test_a_checkpoint_from_before_a_hyperparameter_existed_resumes_with_its_old_behaviour(tmp_path):
     """A checkpoint recorded before `recipe` and the batch-norm keys existed: the job's record
-    (as _fit_meta writes it: auto resolved) matches when it trains as that job did, and a job
-    that would train otherwise is refused, naming the value to restore."""
+    (as _fit_meta writes it: ema_decay auto resolved) matches when it trains as that job did, and
+    a job that would train otherwise is refused, naming the value to restore."""
     from sm_effdet.hyperparameters import parse_hyperparameters
 
-    def record(hp):
-        return hp.to_dict() | {"recipe": hp.chosen_recipe(), "ema_decay": hp.moving_average_decay()}
+    def record(**values):
+        hp = parse_hyperparameters({"bn_momentum": "0.01", "batch_size": "8", **values})
+        return hp.to_dict() | {"ema_decay": hp.moving_average_decay()}
 
-    old = {k: v for k, v in record(parse_hyperparameters({"bn_momentum": "0.01"})).items()
-           if k not in ("recipe", "bn_momentum", "bn_stats_images")}
+    old = {k: v for k, v in record().items() if k not in ("recipe", "bn_momentum", "bn_stats_images")}
     (tmp_path / checkpoint_name("algo-1", 0, 5)).write_bytes(payload(5, {**META, "hyperparameters": old}))
-    same = record(parse_hyperparameters({"bn_momentum": "0.01"}))
-    assert find_resumable(tmp_path, {**META, "hyperparameters": same})[1]["step"] == 5
-    longer = record(parse_hyperparameters({"bn_momentum": "0.01", "epochs": "60"}))
+    assert find_resumable(tmp_path, {**META, "hyperparameters": record()})[1]["step"] == 5
     with pytest.raises(UserInputError, match=r"hyperparameters: ema_decay 0\.0 \(now 0\.9998\); recipe 'short' "
                        r"\(now 'long'\); to resume, restore those values"):
-        find_resumable(tmp_path, {**META, "hyperparameters": longer})
+        find_resumable(tmp_path, {**META, "hyperparameters": record(recipe="long")})
 
 
 def test_names_carry_the_host_and_sort_by_step(tmp_path):

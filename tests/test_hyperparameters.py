@@ -5,10 +5,11 @@ import pytest
 
 from sm_effdet.errors import UserInputError
 from sm_effdet.hyperparameters import (
+    AUTO_BATCH_MIN_STEPS,
+    AUTO_BATCH_SIZES,
     AUTO_WARMUP_STEPS,
     DEFAULT_BACKBONE_LR_RATIOS,
     DEFAULT_LEARNING_RATES,
-    LONG_RUN_EPOCHS,
     RECIPES,
     SPECS,
     example_hyperparameters,
@@ -79,8 +80,8 @@ def test_platform_keys_are_accepted():
         ({"img_size": "300"}, "hyperparameter 'img_size' has invalid value '300': it must be a multiple of 128"),
         ({"img_size": "128"}, "'img_size' has invalid value '128'"),
         ({"pretrained": "maybe"}, "'pretrained' has invalid value 'maybe': it must be true (effdet's COCO detector), false (from scratch) or backbone"),
-        ({"batch_size": "1.5"}, "'batch_size' has invalid value '1.5': it must be a whole number."),
-        ({"batch_size": "0"}, "'batch_size' has invalid value '0': it must be at least 1"),
+        ({"batch_size": "1.5"}, "'batch_size' has invalid value '1.5': it must be 'auto' or a whole number of 1 or more."),
+        ({"epochs": "0"}, "'epochs' has invalid value '0': it must be at least 1"),
         ({"learning_rate": "-1"}, "'learning_rate' has invalid value '-1': it must be 'auto' or a number greater than 0."),
         ({"optimizer": "adam"}, "'optimizer' has invalid value 'adam': it must be one of adamw, sgd."),
         ({"precision": "8"}, "'precision' has invalid value '8'"),
@@ -133,24 +134,36 @@ def test_recipe_keys_and_the_learning_rate_of_each_optimizer():
         parse_hyperparameters({"ema_decay": "1"})
 
 
-def test_recipe_auto_is_long_from_its_number_of_epochs_and_ema_auto_follows_the_recipe():
-    short = parse_hyperparameters({"epochs": str(LONG_RUN_EPOCHS - 1)})
-    long = parse_hyperparameters({"epochs": str(LONG_RUN_EPOCHS)})
-    assert (short.chosen_recipe(), short.moving_average_decay()) == ("short", RECIPES["short"]["ema_decay"])
-    assert (long.chosen_recipe(), long.moving_average_decay()) == ("long", RECIPES["long"]["ema_decay"])
-    assert RECIPES["short"]["ema_decay"] == 0 < RECIPES["long"]["ema_decay"]
+def test_batch_size_auto_is_smaller_when_an_epoch_would_be_few_steps():
+    large, small = AUTO_BATCH_SIZES
+    auto = parse_hyperparameters({})
+    enough = large * AUTO_BATCH_MIN_STEPS  # images that make the minimum number of steps at `large`
+    why = f"batch_size auto: {enough} training images make {AUTO_BATCH_MIN_STEPS} steps an epoch at {large}, at least "
+    assert auto.chosen_batch_size(enough, 1) == (large, f"{why}{AUTO_BATCH_MIN_STEPS}")
+    assert auto.chosen_batch_size(enough - large, 1)[0] == small
+    assert auto.chosen_batch_size(enough, 2)[0] == small  # the steps of an epoch split over two GPUs
+    assert auto.chosen_batch_size(2 * enough, 2)[0] == large
+    assert parse_hyperparameters({"batch_size": "16"}).chosen_batch_size(10, 1) == (16, "batch_size 16")
+    with pytest.raises(UserInputError, match="'batch_size' has invalid value '0': it must be 'auto' or a whole "
+                       "number of 1 or more"):
+        parse_hyperparameters({"batch_size": "0"})
+
+
+def test_the_recipe_sets_the_moving_average_when_ema_decay_is_auto():
+    short, long = parse_hyperparameters({}), parse_hyperparameters({"recipe": "Long", "epochs": "1"})
+    assert (short.recipe, short.moving_average_decay()) == ("short", 0)
+    assert RECIPES["short"]["ema_decay"] == 0
+    assert (long.recipe, long.moving_average_decay()) == ("long", RECIPES["long"]["ema_decay"])
+    assert RECIPES["long"]["ema_decay"] > 0
     assert long.describe_recipe() == (
-        f"recipe: long (auto: {LONG_RUN_EPOCHS} epochs, long from {LONG_RUN_EPOCHS}): scale 0.5-1.5 on 100% of "
-        f"the images, EMA {RECIPES['long']['ema_decay']:g} with warm-up (ema_decay auto)")
-    # Each choice by hand wins over auto, the recipe over the epochs and ema_decay over the recipe.
-    assert parse_hyperparameters({"epochs": "300", "recipe": "Short"}).chosen_recipe() == "short"
-    assert parse_hyperparameters({"epochs": "1", "recipe": "long"}).chosen_recipe() == "long"
+        f"recipe: long: scale 0.5-1.5 on 100% of the images, EMA {RECIPES['long']['ema_decay']:g} with warm-up "
+        "(ema_decay auto)")
+    # ema_decay by hand wins over the recipe's.
     by_hand = parse_hyperparameters({"recipe": "long", "ema_decay": "0", "augment": "false"})
     assert by_hand.moving_average_decay() == 0
     assert by_hand.describe_recipe() == "recipe: long: augmentation off (augment=false), no EMA"
     assert parse_hyperparameters({"ema_decay": "0.999"}).moving_average_decay() == 0.999
-    with pytest.raises(UserInputError, match="'recipe' has invalid value 'longer': it must be one of auto, "
-                       "short, long"):
+    with pytest.raises(UserInputError, match="'recipe' has invalid value 'longer': it must be one of short, long"):
         parse_hyperparameters({"recipe": "longer"})
 
 

@@ -14,7 +14,12 @@ import torch
 from conftest import FAST, REPO, TRAINED_MODEL_IMAGES, failure_text, run_train, write_tree
 from safetensors.torch import load_file, save_file
 
-from sm_effdet.hyperparameters import DEFAULT_LEARNING_RATES, LONG_RUN_EPOCHS, RECIPES
+from sm_effdet.hyperparameters import (
+    AUTO_BATCH_MIN_STEPS,
+    AUTO_BATCH_SIZES,
+    DEFAULT_LEARNING_RATES,
+    RECIPES,
+)
 
 sys.path.insert(0, str(REPO / "scripts"))
 from convert_efficientnet_lite0 import converted_state
@@ -54,12 +59,17 @@ def test_ema_weights_differ_from_raw_and_are_the_model(first_model):
     assert len(differ) > len(model) // 2
 
 
-def test_the_long_recipe_averages_the_weights_when_ema_decay_is_auto(tmp_path):
+def test_the_long_recipe_averages_the_weights_and_batch_size_auto_is_chosen(tmp_path):
     """recipe=long by hand on a one-epoch job: the log says the recipe, and the checkpoint holds
-    the moving average (ema_decay auto follows the recipe)."""
-    base = write_tree(tmp_path / "opt_ml", {**FAST, "recipe": "long", "val_fraction": "0.25"}, n_images=16)
+    the moving average (ema_decay auto follows the recipe); batch_size auto says its choice."""
+    hyperparameters = {k: v for k, v in FAST.items() if k != "batch_size"} | {"recipe": "long", "val_fraction": "0.25"}
+    base = write_tree(tmp_path / "opt_ml", hyperparameters, n_images=16)
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # batch_size auto on 12 training images: far fewer steps an epoch than the minimum at 8.
+    large, small = AUTO_BATCH_SIZES
+    assert (f"batch size {small} per process (batch_size auto: 12 training images make 2 steps an epoch at "
+            f"{large}, fewer than {AUTO_BATCH_MIN_STEPS})") in result.stdout
     decay = RECIPES["long"]["ema_decay"]
     assert (f"recipe: long: scale 0.5-1.5 on 100% of the images, EMA {decay:g} with warm-up (ema_decay auto)"
             in result.stdout)
@@ -173,8 +183,7 @@ def test_backbone_weights_from_a_channel_and_a_frozen_backbone(backbone_file, tm
     rate = DEFAULT_LEARNING_RATES["adamw"]["backbone"]
     assert (f"learning rates: FPN and heads {rate:g} (learning_rate auto: {rate:g} for adamw for a start from "
             f"the ImageNet backbone), backbone {rate / 2:g} (backbone_lr_ratio 0.5)") in result.stdout
-    assert (f"recipe: short (auto: 1 epoch, long from {LONG_RUN_EPOCHS}): scale 0.75-1.25 on 50% of the images, "
-            "no EMA (ema_decay auto)") in result.stdout
+    assert "recipe: short: scale 0.75-1.25 on 50% of the images, no EMA (ema_decay auto)" in result.stdout
 
     imagenet = load_file(str(backbone_file))
     model = trained_weights(base)

@@ -59,14 +59,19 @@ DEFAULT_BACKBONE_LR_RATIOS = {"coco": 1.0, "backbone": 1.0, "scratch": 1.0, "war
 # third of the run (docs/training.md, "Recipe": one epoch of a small data set is a handful of steps).
 AUTO_WARMUP_STEPS = 100
 # The augmentation and weight averaging of `recipe`: short runs (the job's recipe since the seed)
-# and long ones (many epochs on a small data set: Ultralytics' scale range, applied to every
-# image, and effdet's moving average of the weights with timm's warm-up). `recipe` auto picks
-# long from LONG_RUN_EPOCHS epochs on (docs/quality.md, "Long runs").
+# and a candidate for long ones (many epochs on a small data set: Ultralytics' scale range on
+# every image and effdet's moving average of the weights with timm's warm-up). short stays the
+# default for every run length: at 60 epochs on raccoon long scored below it (docs/quality.md,
+# "Long runs").
 RECIPES = {
     "short": {"scale": (0.75, 1.25), "scale_p": 0.5, "ema_decay": 0.0},
     "long": {"scale": (0.5, 1.5), "scale_p": 1.0, "ema_decay": 0.9998},
 }
-LONG_RUN_EPOCHS = 50
+# `batch_size` auto: AUTO_BATCH_SIZES[0] images a step, or [1] when an epoch at [0] would be fewer
+# than AUTO_BATCH_MIN_STEPS steps: on small data sets more, smaller steps per epoch trained better
+# (docs/quality.md, "Batch size").
+AUTO_BATCH_SIZES = (8, 4)
+AUTO_BATCH_MIN_STEPS = 50
 PRETRAINED_CHOICES = "true (effdet's COCO detector), false (from scratch) or backbone (ImageNet backbone only)"
 
 
@@ -242,7 +247,11 @@ class Hyperparameters:
         check_model_type,
     )
     img_size: int = _spec(512, _as_int, "square input size in pixels, a multiple of 128", _img_size)
-    batch_size: int = _spec(8, _as_int, "images per GPU (per process) and step", _between(1))
+    batch_size: int | str = _spec(
+        "auto", _auto_or_count(1), f"images per GPU (per process) and step; auto: {AUTO_BATCH_SIZES[0]}, or "
+        f"{AUTO_BATCH_SIZES[1]} when an epoch at {AUTO_BATCH_SIZES[0]} would be fewer than {AUTO_BATCH_MIN_STEPS} "
+        "steps (see the log's first lines)",
+    )
     epochs: int = _spec(30, _as_int, "passes over the training set", _between(1))
     learning_rate: float | str = _spec(
         "auto", _auto_or_positive, "peak learning rate; auto: for adamw 0.01 from the ImageNet "
@@ -298,10 +307,9 @@ class Hyperparameters:
         _between(0),
     )
     recipe: str = _spec(
-        "auto", _as_str, "augmentation and weight averaging by run length: short (scale "
-        "0.75-1.25 on half the images, no EMA), long (scale 0.5-1.5 on every image, EMA 0.9998); "
-        f"auto: long from {LONG_RUN_EPOCHS} epochs on (see the log's first lines)",
-        _choice("auto", "short", "long"),
+        "short", _as_str, "augmentation and weight averaging: short (scale 0.75-1.25 on half the "
+        "images, no EMA) or long (scale 0.5-1.5 on every image, EMA 0.9998; for runs of hundreds "
+        "of epochs, unproven at 60)", _choice("short", "long"),
     )
     ema_decay: float | str = _spec(
         "auto", _auto_or_number("'auto' or a number of 0 or more and below 1", lambda n: 0 <= n < 1),
@@ -384,28 +392,29 @@ class Hyperparameters:
             return round(max(steps_per_epoch, min(AUTO_WARMUP_STEPS, total_steps / 3)))
         return round(float(self.warmup_epochs) * steps_per_epoch)
 
-    def chosen_recipe(self) -> str:
-        """'short' or 'long': `recipe`, with auto decided by the number of epochs."""
-        if self.recipe == "auto":
-            return "long" if self.epochs >= LONG_RUN_EPOCHS else "short"
-        return self.recipe
+    def chosen_batch_size(self, train_images: int, processes: int) -> tuple[int, str]:
+        """The batch size per process for `train_images` split over `processes`, and why."""
+        if self.batch_size != "auto":
+            return int(self.batch_size), f"batch_size {self.batch_size}"
+        large, small = AUTO_BATCH_SIZES
+        steps = math.ceil(train_images / (large * processes))
+        chosen = large if steps >= AUTO_BATCH_MIN_STEPS else small
+        return chosen, (f"batch_size auto: {train_images} training images make {steps} steps an epoch "
+                        f"at {large}, {'at least' if chosen == large else 'fewer than'} {AUTO_BATCH_MIN_STEPS}")
 
     def moving_average_decay(self) -> float:
         """The EMA decay; 0 is no moving average."""
         if self.ema_decay == "auto":
-            return RECIPES[self.chosen_recipe()]["ema_decay"]
+            return RECIPES[self.recipe]["ema_decay"]
         return float(self.ema_decay)
 
     def describe_recipe(self) -> str:
-        """The log's line on the recipe, each automatic choice with its reason."""
-        chosen = self.chosen_recipe()
-        scale, decay = RECIPES[chosen]["scale"], self.moving_average_decay()
-        reason = f" (auto: {self.epochs} epoch{'s' * (self.epochs != 1)}, long from {LONG_RUN_EPOCHS})" if self.recipe == "auto" else ""
-        augmentation = (f"scale {scale[0]:g}-{scale[1]:g} on {RECIPES[chosen]['scale_p']:.0%} of the images"
-                        if self.augment else "augmentation off (augment=false)")
+        """The log's line on the recipe."""
+        recipe, decay = RECIPES[self.recipe], self.moving_average_decay()
+        augmentation = (f"scale {recipe['scale'][0]:g}-{recipe['scale'][1]:g} on {recipe['scale_p']:.0%} of the "
+                        "images" if self.augment else "augmentation off (augment=false)")
         ema = f"EMA {decay:g} with warm-up" if decay else "no EMA"
-        return (f"recipe: {chosen}{reason}: {augmentation}, {ema}"
-                f"{' (ema_decay auto)' if self.ema_decay == 'auto' else ''}")
+        return f"recipe: {self.recipe}: {augmentation}, {ema}{' (ema_decay auto)' if self.ema_decay == 'auto' else ''}"
 
     @property
     def gradient_clip(self) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -119,6 +120,9 @@ def _train(env: TrainingEnvironment, hp: Hyperparameters, layout: Layout) -> lis
             _report_data(env, report, [], layout)
         raise
     _report_data(env, report, categories, layout)
+    batch_size, why = hp.chosen_batch_size(len(train_records), layout.world_size)
+    log.info("batch size %d per process (%s)", batch_size, why)
+    hp = dataclasses.replace(hp, batch_size=batch_size)
 
     import lightning as L
 
@@ -215,7 +219,7 @@ def _fit_meta(
         "train_ids": [r.image_id for r in train_records],
         "val_ids": [r.image_id for r in val_records],
         # What auto chose, so that a resumed job compares what the checkpoint trained with.
-        "hyperparameters": hp.to_dict() | {"recipe": hp.chosen_recipe(), "ema_decay": hp.moving_average_decay()},
+        "hyperparameters": hp.to_dict() | {"ema_decay": hp.moving_average_decay()},
     }
 
 
@@ -255,7 +259,7 @@ def _loaders(
 
     workers, pin = settings["workers"], settings["pin"]
     fill = backbone_normalization(BACKBONES[hp.backbone])["fill"]
-    recipe = RECIPES[hp.chosen_recipe()]
+    recipe = RECIPES[hp.recipe]
     transform = train_transform(hp.img_size, hp.augment, fill, recipe["scale"], recipe["scale_p"])
     train_loader = make_loader(
         DetectionDataset(train_records, transform, hp.img_size),
