@@ -134,15 +134,22 @@ def test_recipe_keys_and_the_learning_rate_of_each_optimizer():
         parse_hyperparameters({"ema_decay": "1"})
 
 
-def test_batch_size_auto_is_smaller_when_an_epoch_would_be_few_steps():
-    large, small = AUTO_BATCH_SIZES
+def test_batch_size_auto_is_the_largest_that_makes_enough_steps_an_epoch():
     auto = parse_hyperparameters({})
-    enough = large * AUTO_BATCH_MIN_STEPS  # images that make the minimum number of steps at `large`
-    why = f"batch_size auto: {enough} training images make {AUTO_BATCH_MIN_STEPS} steps an epoch at {large}, at least "
-    assert auto.chosen_batch_size(enough, 1) == (large, f"{why}{AUTO_BATCH_MIN_STEPS}")
-    assert auto.chosen_batch_size(enough - large, 1)[0] == small
-    assert auto.chosen_batch_size(enough, 2)[0] == small  # the steps of an epoch split over two GPUs
-    assert auto.chosen_batch_size(2 * enough, 2)[0] == large
+    sizes = ", ".join(map(str, AUTO_BATCH_SIZES))
+    for size in AUTO_BATCH_SIZES:
+        enough = size * AUTO_BATCH_MIN_STEPS  # images that make the minimum number of steps at `size`
+        assert auto.chosen_batch_size(enough, 1) == (size, (
+            f"batch_size auto: {enough} training images make {AUTO_BATCH_MIN_STEPS} steps an epoch at {size}, "
+            f"the largest of {sizes} that makes at least {AUTO_BATCH_MIN_STEPS}"))
+        assert auto.chosen_batch_size(2 * enough, 2)[0] == size  # the steps split over two GPUs
+    smallest = AUTO_BATCH_SIZES[-1]
+    few = smallest * (AUTO_BATCH_MIN_STEPS - 1)
+    assert auto.chosen_batch_size(few, 1) == (smallest, (
+        f"batch_size auto: {few} training images make {AUTO_BATCH_MIN_STEPS - 1} steps an epoch at {smallest}, "
+        f"the smallest of {sizes}; none makes {AUTO_BATCH_MIN_STEPS}"))
+    # One image short of the minimum at the largest size: the next size.
+    assert auto.chosen_batch_size(AUTO_BATCH_SIZES[0] * (AUTO_BATCH_MIN_STEPS - 1), 1)[0] == AUTO_BATCH_SIZES[1]
     assert parse_hyperparameters({"batch_size": "16"}).chosen_batch_size(10, 1) == (16, "batch_size 16")
     with pytest.raises(UserInputError, match="'batch_size' has invalid value '0': it must be 'auto' or a whole "
                        "number of 1 or more"):

@@ -67,8 +67,8 @@ RECIPES = {
     "short": {"scale": (0.75, 1.25), "scale_p": 0.5, "ema_decay": 0.0},
     "long": {"scale": (0.5, 1.5), "scale_p": 1.0, "ema_decay": 0.9998},
 }
-# `batch_size` auto: AUTO_BATCH_SIZES[0] images a step, or [1] when an epoch at [0] would be fewer
-# than AUTO_BATCH_MIN_STEPS steps: on small data sets more, smaller steps per epoch trained better
+# `batch_size` auto: the largest of AUTO_BATCH_SIZES whose epoch is at least AUTO_BATCH_MIN_STEPS
+# steps, else the smallest: on small data sets more, smaller steps per epoch trained better
 # (docs/quality.md, "Batch size").
 AUTO_BATCH_SIZES = (8, 4)
 AUTO_BATCH_MIN_STEPS = 50
@@ -248,9 +248,9 @@ class Hyperparameters:
     )
     img_size: int = _spec(512, _as_int, "square input size in pixels, a multiple of 128", _img_size)
     batch_size: int | str = _spec(
-        "auto", _auto_or_count(1), f"images per GPU (per process) and step; auto: {AUTO_BATCH_SIZES[0]}, or "
-        f"{AUTO_BATCH_SIZES[1]} when an epoch at {AUTO_BATCH_SIZES[0]} would be fewer than {AUTO_BATCH_MIN_STEPS} "
-        "steps (see the log's first lines)",
+        "auto", _auto_or_count(1), "images per GPU (per process) and step; auto: the largest of "
+        f"{', '.join(map(str, AUTO_BATCH_SIZES))} whose epoch is at least {AUTO_BATCH_MIN_STEPS} steps, else the "
+        "smallest (see the log's first lines)",
     )
     epochs: int = _spec(30, _as_int, "passes over the training set", _between(1))
     learning_rate: float | str = _spec(
@@ -396,11 +396,16 @@ class Hyperparameters:
         """The batch size per process for `train_images` split over `processes`, and why."""
         if self.batch_size != "auto":
             return int(self.batch_size), f"batch_size {self.batch_size}"
-        large, small = AUTO_BATCH_SIZES
-        steps = math.ceil(train_images / (large * processes))
-        chosen = large if steps >= AUTO_BATCH_MIN_STEPS else small
-        return chosen, (f"batch_size auto: {train_images} training images make {steps} steps an epoch "
-                        f"at {large}, {'at least' if chosen == large else 'fewer than'} {AUTO_BATCH_MIN_STEPS}")
+
+        def steps(size: int) -> int:
+            return math.ceil(train_images / (size * processes))
+
+        sizes = ", ".join(map(str, AUTO_BATCH_SIZES))
+        chosen = next((b for b in AUTO_BATCH_SIZES if steps(b) >= AUTO_BATCH_MIN_STEPS), None)
+        why = f"the largest of {sizes} that makes at least {AUTO_BATCH_MIN_STEPS}"
+        if chosen is None:
+            chosen, why = AUTO_BATCH_SIZES[-1], f"the smallest of {sizes}; none makes {AUTO_BATCH_MIN_STEPS}"
+        return chosen, f"batch_size auto: {train_images} training images make {steps(chosen)} steps an epoch at {chosen}, {why}"
 
     def moving_average_decay(self) -> float:
         """The EMA decay; 0 is no moving average."""
