@@ -70,8 +70,8 @@ RECIPES = {
 # `batch_size` auto: the largest of AUTO_BATCH_SIZES whose epoch is at least AUTO_BATCH_MIN_STEPS
 # steps, else the smallest: on small data sets more, smaller steps per epoch trained better
 # (docs/quality.md, "Batch size").
-AUTO_BATCH_SIZES = (8, 4)
-AUTO_BATCH_MIN_STEPS = 50
+AUTO_BATCH_SIZES = (8, 4, 2)
+AUTO_BATCH_MIN_STEPS = 100
 PRETRAINED_CHOICES = "true (effdet's COCO detector), false (from scratch) or backbone (ImageNet backbone only)"
 
 
